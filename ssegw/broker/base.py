@@ -1,0 +1,69 @@
+"""The broker interface: where events get their ids, their history and their way to workers.
+
+``memory.py`` is the reference implementation (one process, one shard); a Redis broker
+implements the same Protocol for many workers and hosts.  The worker never imports a
+concrete broker: ``cli`` chooses one and hands it over.
+
+Only methods that can block are ``async`` (publishing and replay may need a network round
+trip); interest changes are fire-and-forget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from ..core.history import Event
+from ..core.publish import Message
+
+
+class Replay:
+    """What a new stream gets before going live: events to replay (ascending by seq) and the
+    topics whose gap history no longer covers (they get ``ssegw.reset``)."""
+
+    __slots__ = ("events", "reset")
+
+    def __init__(self, events: list[Event], reset: list[str]) -> None:
+        self.events = events
+        self.reset = reset
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot accept a publish right now; nothing of the request was published."""
+
+
+class Broker(Protocol):
+    #: A name for logs and /admin/stats ("memory", "redis").
+    kind: str
+
+    async def start(self, deliver: Callable[[list[Event]], None]) -> None:
+        """Begin delivering events for topics of interest to ``deliver`` (in seq order)."""
+
+    async def close(self) -> None: ...
+
+    def ready(self) -> bool:
+        """True when a publish would be accepted."""
+
+    async def publish(self, messages: list[Message]) -> list[str]:
+        """Publish all messages or none.  Returns their ids in order.
+
+        Raises:
+            BrokerUnavailable: nothing was published.
+        """
+
+    async def replay(
+        self, topics: tuple[str, ...], after: tuple[str, tuple[int, ...]] | None, since: str | None
+    ) -> Replay:
+        """Events of ``topics`` after the parsed id ``after`` (epoch, seqs); or, without an
+        id, the latest (``since="last"``) or all retained (``"earliest"``) events; or none."""
+
+    def interest(self, topic: str, on: bool) -> None:
+        """This worker gained its first / lost its last subscriber of ``topic``."""
+
+    async def subscribers(self, topic: str, local: int) -> int:
+        """Subscribers of ``topic`` across the cluster (``local`` = this worker's count)."""
+
+    def tick(self, now_ms: int) -> None:
+        """Periodic housekeeping (history trimming, presence refresh)."""
+
+    def stats(self) -> dict[str, object]: ...

@@ -1,0 +1,147 @@
+"""The embedded broker: one process, one shard, history in memory.
+
+It is the reference implementation of :class:`~ssegw.broker.base.Broker`: a publish takes
+the next sequence number, appends to the topic's history and hands the events to the
+worker's fan-out in the same loop turn -- so "accepted" and "on its way to every
+subscriber" are the same moment, and a publish can never half-succeed.
+
+The epoch is random per process start: ids issued before a restart cannot be placed (their
+history is gone), so clients presenting them get ``ssegw.reset`` instead of a silent gap.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+
+from ..core.history import Event, HistoryStore
+from ..core.ids import format_id
+from ..core.publish import Message
+from ..core.sse import encode_frame
+from .base import Replay
+
+_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def new_epoch() -> str:
+    return "".join(secrets.choice(_ALPHABET) for _ in range(8))
+
+
+class MemoryBroker:
+    kind = "memory"
+
+    def __init__(self, settings: Callable[[str], tuple[int, int]], clock_ms: Callable[[], int]) -> None:
+        """Args:
+            settings: topic -> (history_size, history_ttl_ms).
+            clock_ms: wall-clock milliseconds (history ages are wall-clock).
+        """
+        self.epoch = new_epoch()
+        self.seq = 0
+        self.history = HistoryStore(settings)
+        self._clock_ms = clock_ms
+        self._deliver: Callable[[list[Event]], None] | None = None
+        self.published = 0
+
+    async def start(self, deliver: Callable[[list[Event]], None]) -> None:
+        self._deliver = deliver
+
+    async def close(self) -> None:
+        self._deliver = None
+
+    def ready(self) -> bool:
+        return True
+
+    def publish_now(self, messages: list[Message]) -> list[str]:
+        """Synchronous publish (the embedded broker never waits)."""
+        now = self._clock_ms()
+        ids: list[str] = []
+        events: list[Event] = []
+        epoch = self.epoch
+        for m in messages:
+            self.seq += 1
+            eid = format_id(epoch, self.seq)
+            ev = Event(m.topic, self.seq, now, encode_frame(eid, m.body), m.key)
+            self.history.append(ev, now)
+            events.append(ev)
+            ids.append(eid)
+        self.published += len(events)
+        if self._deliver is not None:
+            self._deliver(events)
+        return ids
+
+    async def publish(self, messages: list[Message]) -> list[str]:
+        return self.publish_now(messages)
+
+    def replay_now(
+        self, topics: tuple[str, ...], after: tuple[str, tuple[int, ...]] | None, since: str | None
+    ) -> Replay:
+        now = self._clock_ms()
+        head = self.seq
+        store = self.history
+        if after is not None:
+            epoch, seqs = after
+            if epoch != self.epoch or len(seqs) != 1 or seqs[0] > head:
+                # An id we cannot place: not covered for any topic (CONTRACT "Ids").
+                return Replay([], list(topics))
+            s = seqs[0]
+            reset = [t for t in topics if not store.covers(t, s)]
+            lists = []
+            for t in topics:
+                if t in reset:
+                    continue
+                h = store.get(t, now)
+                if h is not None:
+                    lists.append(h.after(s, head))
+            return Replay(_merge(lists), reset)
+        if since == "last":
+            evs = []
+            for t in topics:
+                h = store.get(t, now)
+                if h is not None:
+                    e = h.last(head)
+                    if e is not None:
+                        evs.append(e)
+            evs.sort(key=_seq)
+            return Replay(evs, [])
+        if since == "earliest":
+            lists = []
+            for t in topics:
+                h = store.get(t, now)
+                if h is not None:
+                    lists.append(h.all(head))
+            return Replay(_merge(lists), [])
+        return Replay([], [])
+
+    async def replay(
+        self, topics: tuple[str, ...], after: tuple[str, tuple[int, ...]] | None, since: str | None
+    ) -> Replay:
+        return self.replay_now(topics, after, since)
+
+    def interest(self, topic: str, on: bool) -> None:
+        """Every published event is handed to the local fan-out; nothing to (un)subscribe."""
+
+    async def subscribers(self, topic: str, local: int) -> int:
+        return local
+
+    def tick(self, now_ms: int) -> None:
+        self.history.sweep(self._clock_ms())
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "epoch": self.epoch,
+            "seq": self.seq,
+            "topics_with_history": len(self.history.topics),
+        }
+
+
+def _merge(lists: list[list[Event]]) -> list[Event]:
+    if len(lists) == 1:
+        return lists[0]
+    out = [e for lst in lists for e in lst]
+    out.sort(key=_seq)
+    return out
+
+
+def _seq(e: Event) -> int:
+    return e.seq

@@ -1,0 +1,210 @@
+"""Batched broadcast: one write per connection per flush, the same bytes for every subscriber.
+
+Strategy.  Publishing does not touch subscribers: the event (encoded once) is appended to
+its topic's ``batch`` and the topic is marked dirty -- O(1) whatever the fan-out.  A flush
+then walks the dirty topics.  For each topic the batch is joined once, and chunk-framed
+once, into one bytes object, and every subscriber of the topic gets that object in a
+single ``transport.write``.  Per connection and per flush that is one attribute check and
+one write; there is no per-subscriber encoding or buffering on the fast path.
+
+Connections subscribed to several topics cannot share one topic's joined bytes (their
+events from different topics must be interleaved in sequence order), so they are collected
+during the sweep and get their own merged write at the end -- still one write each.
+
+Slow consumers.  A connection whose transport called ``pause_writing`` is ``paused``; its
+events are held in ``pending`` instead of written.  Policy per topic:
+- ``drop``: events are held until ``max_buffer`` bytes; past that the connection is
+  closed (verdict ``"buffer"``) and the client resumes from history when it reconnects.
+- ``conflate``: events are held keyed by ``(topic, key)`` (key = None when the message had
+  none), so a newer event replaces the held older one: the client gets the newest value per
+  key, in sequence order.  If even that exceeds ``max_buffer`` the connection is dropped.
+When the transport resumes, everything held goes out in one write.
+
+Sequence watermark.  ``flushed_seq`` is the highest sequence handed to subscribers.  A new
+subscriber replays history only up to it; newer events are still in a batch and reach it
+through the next flush, so nothing is delivered twice or skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .history import Event
+from .sse import chunk
+from .table import CLOSED, Conn, Table, TopicState
+
+
+class FlushStats:
+    """Plain-int counters the metrics layer reads; no locking, no per-event objects."""
+
+    __slots__ = ("flushes", "writes", "events_delivered", "bytes_written", "held", "conflated",
+                 "last_writes", "last_events")
+
+    def __init__(self) -> None:
+        self.flushes = 0
+        self.writes = 0
+        self.events_delivered = 0
+        self.bytes_written = 0
+        self.held = 0
+        self.conflated = 0
+        self.last_writes = 0
+        self.last_events = 0
+
+
+class Fanout:
+    def __init__(self, table: Table, max_buffer: int, on_drop: Callable[[Conn, str], None]) -> None:
+        self.table = table
+        self.max_buffer = max_buffer
+        self.on_drop = on_drop  # called for a connection that must be closed, with a reason
+        self.dirty: list[TopicState] = []
+        self.queued_writes = 0  # subscriber-writes waiting for the next flush
+        self.flushed_seq = 0
+        self.pending_seq = 0  # highest seq queued in a batch
+        self.stats = FlushStats()
+
+    # -- publish side ---------------------------------------------------------------
+
+    def publish(self, ev: Event) -> int:
+        """Queue ``ev`` for its topic's subscribers.  Returns the writes now queued."""
+        if ev.seq > self.pending_seq:
+            self.pending_seq = ev.seq
+        ts = self.table.topics.get(ev.topic)
+        if ts is None or not ts.subs:
+            return self.queued_writes
+        if not ts.batch:
+            self.dirty.append(ts)
+            self.queued_writes += len(ts.subs)
+        ts.batch.append(ev)
+        return self.queued_writes
+
+    # -- flush side -----------------------------------------------------------------
+
+    def flush(self, now_ms: int) -> int:
+        """Write every dirty topic's batch to its subscribers.  Returns writes done."""
+        dirty = self.dirty
+        self.flushed_seq = self.pending_seq
+        if not dirty:
+            return 0
+        self.dirty = []
+        self.queued_writes = 0
+        stats = self.stats
+        writes = 0
+        events_total = 0
+        delivered = 0
+        nbytes = 0
+        multi: dict[Conn, list[list[Event]]] | None = None
+        for ts in dirty:
+            batch: list[Event] = ts.batch  # type: ignore[assignment]
+            ts.batch = []
+            if not ts.subs:
+                if ts.name in self.table.topics and not ts.subs:
+                    del self.table.topics[ts.name]
+                continue
+            n = len(batch)
+            events_total += n
+            raw = batch[0].frame if n == 1 else b"".join([e.frame for e in batch])
+            framed = chunk(raw)
+            lr = len(raw)
+            lf = len(framed)
+            w = 0
+            # transport.write never calls back into us synchronously except pause_writing,
+            # which only flips a flag; closes are deferred to connection_lost, so the dict
+            # cannot change under the loop.
+            for conn in ts.subs.values():
+                if len(conn.topics) > 1:
+                    if multi is None:
+                        multi = {}
+                    lists = multi.get(conn)
+                    if lists is None:
+                        multi[conn] = [batch]
+                    else:
+                        lists.append(batch)
+                    continue
+                if conn.paused:
+                    self._hold(conn, batch, ts.conflate)
+                    continue
+                if conn.chunked:
+                    conn.transport.write(framed)  # type: ignore[attr-defined]
+                    nbytes += lf
+                else:
+                    conn.transport.write(raw)  # type: ignore[attr-defined]
+                    nbytes += lr
+                conn.last_write_ms = now_ms
+                w += 1
+            writes += w
+            delivered += w * n
+        if multi:
+            for conn, lists in multi.items():
+                if conn.state == CLOSED:
+                    continue
+                if len(lists) == 1:
+                    evs = lists[0]
+                else:
+                    evs = [e for lst in lists for e in lst]
+                    evs.sort(key=_seq)
+                if conn.paused:
+                    for lst in lists:
+                        ts2 = self.table.topics.get(lst[0].topic)
+                        self._hold(conn, lst, ts2.conflate if ts2 is not None else False)
+                    continue
+                nbytes += self._write_events(conn, evs, now_ms)
+                writes += 1
+                delivered += len(evs)
+        stats.flushes += 1
+        stats.writes += writes
+        stats.events_delivered += delivered
+        stats.bytes_written += nbytes
+        stats.last_writes = writes
+        stats.last_events = events_total
+        return writes
+
+    def _write_events(self, conn: Conn, evs: list[Event], now_ms: int) -> int:
+        raw = evs[0].frame if len(evs) == 1 else b"".join([e.frame for e in evs])
+        data = chunk(raw) if conn.chunked else raw
+        conn.transport.write(data)  # type: ignore[attr-defined]
+        conn.last_write_ms = now_ms
+        return len(data)
+
+    # -- slow consumers -------------------------------------------------------------
+
+    def _hold(self, conn: Conn, batch: list[Event], conflate: bool) -> None:
+        if conn.state == CLOSED:
+            return
+        pending = conn.pending
+        if pending is None:
+            pending = conn.pending = {}
+        size = conn.pending_bytes
+        stats = self.stats
+        for ev in batch:
+            if conflate:
+                k: object = (ev.topic, ev.key)
+                old = pending.pop(k, None)
+                if old is not None:
+                    size -= len(old.frame)  # type: ignore[attr-defined]
+                    stats.conflated += 1
+            else:
+                k = ev.seq
+            pending[k] = ev
+            size += len(ev.frame)
+            stats.held += 1
+        conn.pending_bytes = size
+        if size > self.max_buffer:
+            self.on_drop(conn, "buffer")
+
+    def resume(self, conn: Conn, now_ms: int) -> None:
+        """The transport can take more: send everything held, in one write."""
+        conn.paused = False
+        pending = conn.pending
+        if not pending:
+            return
+        conn.pending = None
+        conn.pending_bytes = 0
+        evs: list[Event] = list(pending.values())  # type: ignore[arg-type]
+        n = self._write_events(conn, evs, now_ms)
+        self.stats.writes += 1
+        self.stats.events_delivered += len(evs)
+        self.stats.bytes_written += n
+
+
+def _seq(e: Event) -> int:
+    return e.seq

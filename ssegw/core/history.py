@@ -1,0 +1,127 @@
+"""Per-topic history: a bounded ring of events plus the one number that makes resume honest.
+
+Each topic keeps at most ``size`` events no older than ``ttl_ms``.  ``trimmed_upto`` is the
+highest sequence ever evicted from this topic.  A resume "after seq S" is covered exactly
+when ``S >= trimmed_upto``: every event of the topic newer than S is still here.  Otherwise
+the caller sends ``ssegw.reset`` for the topic -- never a silent gap.
+
+A store drops the whole history of a topic that has emptied (by age) to keep memory bounded
+with millions of short-lived topics; it then raises ``forgotten_upto`` so that coverage for
+a topic it no longer knows stays conservative.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from itertools import islice
+
+
+class Event:
+    """One published event as every subscriber will receive it.
+
+    ``frame`` is the complete SSE block (``id:``, ``event:``, ``data:``, blank line),
+    encoded once and shared.
+    """
+
+    __slots__ = ("topic", "seq", "ts_ms", "frame", "key")
+
+    def __init__(self, topic: str, seq: int, ts_ms: int, frame: bytes, key: str | None) -> None:
+        self.topic = topic
+        self.seq = seq
+        self.ts_ms = ts_ms
+        self.frame = frame
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"Event({self.topic!r}, seq={self.seq})"
+
+
+class TopicHistory:
+    __slots__ = ("events", "trimmed_upto", "size", "ttl_ms")
+
+    def __init__(self, size: int, ttl_ms: int) -> None:
+        self.events: deque[Event] = deque()
+        self.trimmed_upto = 0
+        self.size = size
+        self.ttl_ms = ttl_ms  # 0 = no age limit
+
+    def append(self, ev: Event, now_ms: int) -> None:
+        self.events.append(ev)
+        while len(self.events) > self.size:
+            self.trimmed_upto = self.events.popleft().seq
+        self.trim(now_ms)
+
+    def trim(self, now_ms: int) -> None:
+        if not self.ttl_ms:
+            return
+        horizon = now_ms - self.ttl_ms
+        events = self.events
+        while events and events[0].ts_ms < horizon:
+            self.trimmed_upto = events.popleft().seq
+
+    def covers(self, after_seq: int) -> bool:
+        return after_seq >= self.trimmed_upto
+
+    def after(self, after_seq: int, upto: int) -> list[Event]:
+        """Events with ``after_seq < seq <= upto``, oldest first."""
+        out = [e for e in reversed(self.events) if e.seq > after_seq]
+        out.reverse()
+        return [e for e in out if e.seq <= upto]
+
+    def last(self, upto: int) -> Event | None:
+        for e in reversed(self.events):
+            if e.seq <= upto:
+                return e
+        return None
+
+    def all(self, upto: int) -> list[Event]:
+        return [e for e in self.events if e.seq <= upto]
+
+
+class HistoryStore:
+    """Histories of all topics of one shard, with per-topic bounds from a settings callback."""
+
+    def __init__(self, settings: object) -> None:
+        # settings(topic) -> (history_size, history_ttl_ms)
+        self._settings = settings
+        self.topics: dict[str, TopicHistory] = {}
+        self.forgotten_upto = 0
+
+    def append(self, ev: Event, now_ms: int) -> None:
+        h = self.topics.get(ev.topic)
+        if h is None:
+            size, ttl_ms = self._settings(ev.topic)  # type: ignore[operator]
+            h = self.topics[ev.topic] = TopicHistory(size, ttl_ms)
+            h.trimmed_upto = self.forgotten_upto
+        h.append(ev, now_ms)
+
+    def get(self, topic: str, now_ms: int) -> TopicHistory | None:
+        h = self.topics.get(topic)
+        if h is not None:
+            h.trim(now_ms)
+        return h
+
+    def covers(self, topic: str, after_seq: int) -> bool:
+        h = self.topics.get(topic)
+        if h is None:
+            return after_seq >= self.forgotten_upto
+        return h.covers(after_seq)
+
+    def sweep(self, now_ms: int, budget: int = 10_000) -> int:
+        """Trim by age and forget emptied topics, looking at most at ``budget`` topics.
+
+        Topics that are kept move to the end of the dict, so successive sweeps rotate
+        through all of them in O(budget) each.
+        """
+        topics = self.topics
+        dropped = 0
+        for name in list(islice(topics, budget)):
+            h = topics.pop(name)
+            h.trim(now_ms)
+            if h.events:
+                topics[name] = h
+                continue
+            if h.trimmed_upto > self.forgotten_upto:
+                self.forgotten_upto = h.trimmed_upto
+            dropped += 1
+        return dropped

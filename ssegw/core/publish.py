@@ -1,0 +1,103 @@
+"""The publish-body parser: decoded JSON in, validated messages out, all-or-nothing.
+
+``POST /publish`` takes one message object or an array of 1..max_batch of them.  Each message
+is ``{"topic": NAME, "data": ANY_JSON, "event": NAME?, "key": STRING?}``.  Every message is
+validated and encoded (event and data lines) *before* anything is published, so one bad
+message fails the whole request and publishes nothing.
+
+The JSON text itself is decoded by the protocol layer (orjson); this module receives the
+decoded value plus a ``dumps`` callable for compact-encoding non-string data, which keeps the
+core free of third-party imports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .errors import BadRequest, PayloadTooLarge
+from .sse import RESERVED_EVENT_PREFIX, data_lines, encode_body, validate_event_name
+from .topics import validate_topic
+
+#: Longest conflation key, in characters; keys are map keys in a slow client's buffer.
+MAX_KEY_LEN = 256
+_FIELDS = frozenset(("topic", "data", "event", "key"))
+
+
+class Message:
+    """A validated message: ``body`` is its event/data lines, encoded once."""
+
+    __slots__ = ("topic", "event", "key", "body")
+
+    def __init__(self, topic: str, event: str | None, key: str | None, body: bytes) -> None:
+        self.topic = topic
+        self.event = event
+        self.key = key
+        self.body = body
+
+    def __repr__(self) -> str:
+        return f"Message({self.topic!r}, event={self.event!r}, key={self.key!r})"
+
+
+def parse_message(obj: object, dumps: Callable[[object], bytes], where: str = "message") -> Message:
+    """Validate one decoded message object.
+
+    Raises:
+        BadRequest: naming the field and, in a batch, the index (``messages[3].topic``).
+    """
+    if not isinstance(obj, dict):
+        raise BadRequest(f"{where} must be a JSON object", code="bad_message")
+    unknown = [k for k in obj if k not in _FIELDS]
+    if unknown:
+        raise BadRequest(f"{where}: unknown field {sorted(unknown)[0]!r}", code="bad_message")
+    if "topic" not in obj:
+        raise BadRequest(f"{where}: missing field 'topic'", code="bad_message")
+    if "data" not in obj:
+        raise BadRequest(f"{where}: missing field 'data'", code="bad_message")
+    try:
+        topic = validate_topic(obj["topic"])
+    except BadRequest as e:
+        raise BadRequest(f"{where}.topic: {e.detail}", code="bad_topic") from None
+    event = obj.get("event")
+    if event is not None:
+        try:
+            event = validate_event_name(event)
+        except BadRequest as e:
+            raise BadRequest(f"{where}.event: {e.detail}", code="bad_event") from None
+        if event.startswith(RESERVED_EVENT_PREFIX):
+            raise BadRequest(
+                f"{where}.event: names starting with {RESERVED_EVENT_PREFIX!r} are reserved",
+                code="bad_event",
+            )
+    key = obj.get("key")
+    if key is not None:
+        if not isinstance(key, str):
+            raise BadRequest(f"{where}.key must be a string", code="bad_message")
+        if len(key) > MAX_KEY_LEN:
+            raise BadRequest(f"{where}.key is longer than {MAX_KEY_LEN} characters", code="bad_message")
+    data = obj["data"]
+    try:
+        if isinstance(data, str):
+            lines = data_lines(data)
+        else:
+            lines = b"data: " + dumps(data) + b"\n"
+    except BadRequest as e:
+        raise BadRequest(f"{where}.data: {e.detail}", code="bad_data") from None
+    return Message(topic, event, key, encode_body(event, lines))
+
+
+def parse_publish(obj: object, max_batch: int, dumps: Callable[[object], bytes]) -> list[Message]:
+    """Validate a decoded ``/publish`` body: one message or an array of them.
+
+    Raises:
+        BadRequest: a malformed message or an empty array (nothing is published).
+        PayloadTooLarge: more than ``max_batch`` messages.
+    """
+    if isinstance(obj, list):
+        if not obj:
+            raise BadRequest("empty batch: send 1 or more messages", code="bad_message")
+        if len(obj) > max_batch:
+            raise PayloadTooLarge(
+                f"batch of {len(obj)} messages is over max_batch ({max_batch})", code="batch_too_large"
+            )
+        return [parse_message(m, dumps, f"messages[{i}]") for i, m in enumerate(obj)]
+    return [parse_message(obj, dumps)]

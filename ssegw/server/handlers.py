@@ -1,0 +1,376 @@
+"""Routes of the public and admin listeners (CONTRACT.md: Subscribe, Publish, Admin).
+
+Every handler either answers through the protocol (``respond*``/``start_stream``) or raises
+a :class:`~ssegw.core.errors.ProtocolError`, which the protocol turns into the status and
+JSON error body.  Nothing here writes to a socket directly.
+
+Order of checks for ``GET /events`` (first failure answers): query syntax (400), token
+(401/403), admission (403 denied address, 503 draining/at capacity, 429 rate or per-IP
+count).  Parameters are checked first so that a malformed request never costs a rate token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, unquote
+
+import h11
+import orjson
+
+from ..broker.base import BrokerUnavailable, Replay
+from ..core.errors import (
+    BadRequest,
+    Forbidden,
+    MethodNotAllowed,
+    NotFound,
+    ProtocolError,
+    Unavailable,
+    UnsupportedMediaType,
+)
+from ..core.ids import parse_id
+from ..core.publish import parse_publish
+from ..core.sse import encode_reset, encode_retry
+from ..core.table import CLOSED
+from ..core.topics import validate_topic
+from ..metrics import CONTENT_TYPE, make_registry, render
+from ..policy.limits import client_ip
+from .protocol import T_HEAD, HTTPProtocol
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger("ssegw.http")
+
+#: Most query parameters we look at (bounds parse_qsl on hostile query strings).
+MAX_QUERY_FIELDS = 256
+_STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store, no-transform"),
+    (b"x-accel-buffering", b"no"),
+]
+_OPEN_COMMENT = b": ok\n\n"
+
+
+def _header(req: h11.Request, name: bytes) -> str | None:
+    for k, v in req.headers:
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+def handle(w: "Worker", p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
+    path, _, query = req.target.partition(b"?")
+    method = req.method
+    if p.admin:
+        _admin(w, p, req, path)
+        return
+    if path == b"/events":
+        if method == b"GET":
+            open_stream(w, p, req, query)
+        elif method == b"OPTIONS":
+            preflight(w, p, req, b"GET, OPTIONS")
+        else:
+            raise MethodNotAllowed("use GET on /events", headers=(("Allow", "GET, OPTIONS"),))
+    elif path == b"/publish":
+        if method == b"POST":
+            publish(w, p, req, body)
+        elif method == b"OPTIONS":
+            preflight(w, p, req, b"POST, OPTIONS")
+        else:
+            raise MethodNotAllowed("use POST on /publish", headers=(("Allow", "POST, OPTIONS"),))
+    elif path == b"/" and w.cfg.demo:
+        if method != b"GET":
+            raise MethodNotAllowed("use GET on /", headers=(("Allow", "GET"),))
+        from ..demo import PAGE
+
+        p.respond(200, PAGE, content_type=b"text/html; charset=utf-8")
+    else:
+        raise NotFound(f"no such path: {path[:200].decode('latin-1')}")
+
+
+# -- CORS -------------------------------------------------------------------------------
+
+
+def cors_headers(w: "Worker", p: HTTPProtocol) -> list[tuple[bytes, bytes]]:
+    origins = w.cfg.cors_origins
+    req = p.req
+    if not origins or req is None:
+        return []
+    origin = _header(req, b"origin")
+    if origin is None:
+        return []
+    creds = w.cfg.cors_credentials
+    if origin.lower() in origins:
+        allow = origin
+    elif "*" in origins:
+        allow = origin if creds else "*"
+    else:
+        return []
+    out = [(b"access-control-allow-origin", allow.encode("latin-1")), (b"vary", b"Origin")]
+    if creds:
+        out.append((b"access-control-allow-credentials", b"true"))
+    return out
+
+
+def preflight(w: "Worker", p: HTTPProtocol, req: h11.Request, methods: bytes) -> None:
+    hdrs = cors_headers(w, p)
+    if hdrs:
+        asked = _header(req, b"access-control-request-headers")
+        hdrs += [
+            (b"access-control-allow-methods", methods),
+            (b"access-control-allow-headers",
+             asked.encode("latin-1") if asked else b"Content-Type, Authorization, Last-Event-ID"),
+            (b"access-control-max-age", b"600"),
+        ]
+    hdrs.append((b"allow", methods))
+    p.respond(204, b"", headers=hdrs)
+
+
+# -- subscribe --------------------------------------------------------------------------
+
+
+def _client_ip(w: "Worker", p: HTTPProtocol, req: h11.Request) -> str:
+    if not w.cfg.trusted_proxies:
+        return p.ip
+    return client_ip(p.ip, _header(req, b"x-forwarded-for"), w.cfg.trusted_proxies)
+
+
+def parse_subscribe(w: "Worker", req: h11.Request, query: bytes) -> tuple[tuple[str, ...], str | None, str | None, str | None]:
+    """(topics, since, last_event_id, query_token) from a ``/events`` request; 400 if bad."""
+    try:
+        fields = parse_qsl(query.decode("latin-1"), keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS,
+                           encoding="utf-8", errors="strict")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"malformed query string: {e}", code="bad_query") from None
+    topics: list[str] = []
+    since = last_id = token = None
+    for k, v in fields:
+        if k == "topic":
+            if v not in topics:
+                topics.append(v)
+        elif k == "since":
+            since = v
+        elif k == "last_event_id":
+            last_id = v
+        elif k == "token":
+            token = v
+    if not topics:
+        raise BadRequest("missing topic: give one or more topic=NAME", code="bad_topic")
+    if len(topics) > w.cfg.max_topics_per_conn:
+        raise BadRequest(f"too many topics: {len(topics)} > max_topics_per_conn ({w.cfg.max_topics_per_conn})",
+                         code="too_many_topics")
+    for t in topics:
+        validate_topic(t)
+    if since is not None and since not in ("last", "earliest"):
+        raise BadRequest("since must be 'last' or 'earliest'", code="bad_since")
+    header_id = _header(req, b"last-event-id")
+    if header_id is not None and header_id.strip():
+        last_id = header_id.strip()
+    elif last_id is not None and not last_id:
+        last_id = None
+    return tuple(topics), since, last_id, token
+
+
+def open_stream(w: "Worker", p: HTTPProtocol, req: h11.Request, query: bytes) -> None:
+    topics, since, last_id, qtoken = parse_subscribe(w, req, query)
+    after = parse_id(last_id) if last_id is not None else None
+    principal = None
+    if w.auth.enabled:
+        token = w.auth.token_from(_header(req, b"authorization"), qtoken, _header(req, b"cookie"))
+        principal = w.auth.authorize_subscribe(token, list(topics), time.time())
+    ip = _client_ip(w, p, req)
+    w.admission.admit(ip, w.table.streams, w.now_ms(), w.draining)
+    p.ip = ip
+    p.held_ip = True
+    # The head is complete: the head timer's job is done.
+    if p.timer is not None:
+        w.wheel.cancel(p.timer)  # type: ignore[union-attr]
+        p.timer = None
+    # Subscribe first and hold live events while the replay is fetched; the replay and the
+    # held events are merged (duplicates removed by sequence) when the stream starts.
+    p.paused = True
+    w.table.subscribe(p, topics)
+    for t in topics:
+        if w.table.subscribers(t) == 1:
+            w.broker.interest(t, True)  # type: ignore[attr-defined]
+    cors = cors_headers(w, p)
+    broker = w.broker
+    replay_now = getattr(broker, "replay_now", None)
+    if replay_now is not None:
+        _start(w, p, replay_now(topics, after, since), principal, cors)
+        return
+    task = asyncio.get_running_loop().create_task(broker.replay(topics, after, since))  # type: ignore[attr-defined]
+    task.add_done_callback(lambda t: _replayed(w, p, t, principal, cors))
+
+
+def _replayed(w: "Worker", p: HTTPProtocol, task: asyncio.Task, principal: object, cors: list) -> None:
+    if p.state == CLOSED:
+        return
+    exc = task.exception()
+    if exc is not None:
+        p.paused = False
+        w.table.unsubscribe(p)
+        if isinstance(exc, BrokerUnavailable):
+            p.respond_error(Unavailable("history is unavailable, retry", headers=(("Retry-After", "1"),)))
+        else:
+            log.error("replay failed", exc_info=exc)
+            p.respond(500, b'{"error":"internal","detail":"replay failed"}', close=True)
+        return
+    _start(w, p, task.result(), principal, cors)
+
+
+def _start(w: "Worker", p: HTTPProtocol, replay: Replay, principal: object, cors: list) -> None:
+    parts = [_OPEN_COMMENT, encode_retry(w.retry_ms)]
+    if replay.reset:
+        parts.append(encode_reset(replay.reset))
+        w.resets += 1
+    seen: set[int] = set()
+    for ev in replay.events:
+        parts.append(ev.frame)
+        seen.add(ev.seq)
+    w.events_replayed += len(replay.events)
+    held = p.pending
+    p.pending = None
+    p.pending_bytes = 0
+    if held:
+        for ev in held.values():
+            if ev.seq not in seen:  # type: ignore[attr-defined]
+                parts.append(ev.frame)  # type: ignore[attr-defined]
+    p.paused = False
+    p.start_stream(_STREAM_HEADERS + cors, b"".join(parts))
+    now = w.now_ms()
+    p.last_write_ms = now
+    w.streams_opened += 1
+    w.schedule_heartbeat(p, True)
+    if w.cfg.max_lifetime > 0:
+        life = w.cfg.max_lifetime * 1000
+        w.set_deadline(p, now + int(life + random.uniform(0, life * 0.1)), w.T_LIFETIME)
+    exp = getattr(principal, "exp", None)
+    if exp is not None:
+        w.set_deadline(p, now + max(0, int((exp - time.time()) * 1000)), w.T_EXPIRE)
+
+
+# -- publish ----------------------------------------------------------------------------
+
+
+def _is_json(ctype: str | None) -> bool:
+    if not ctype:
+        return False
+    mime = ctype.split(";", 1)[0].strip().lower()
+    return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
+
+
+def publish(w: "Worker", p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
+    ip = _client_ip(w, p, req)
+    if not w.admission.ip_filter.allowed(ip):
+        raise Forbidden("client address denied", code="ip_denied")
+    authz = _header(req, b"authorization")
+    loopback = _is_loopback(p.ip)
+    # Authenticate before looking at the body, so strangers learn nothing from our parser.
+    w.auth.authorize_publish(authz, [], time.time(), loopback)
+    if not _is_json(_header(req, b"content-type")):
+        raise UnsupportedMediaType("Content-Type must be application/json", code="unsupported_media_type")
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"invalid JSON: {e}", code="bad_json") from None
+    msgs = parse_publish(obj, w.cfg.max_batch, orjson.dumps)
+    w.auth.authorize_publish(authz, sorted({m.topic for m in msgs}), time.time(), loopback)
+    broker = w.broker
+    cors = cors_headers(w, p)
+    now_pub = getattr(broker, "publish_now", None)
+    if now_pub is not None:
+        ids = now_pub(msgs)
+        _published(w, p, ids, len(msgs), cors)
+        return
+    if not broker.ready():  # type: ignore[attr-defined]
+        raise Unavailable("broker unavailable: nothing was published, retry", headers=(("Retry-After", "1"),))
+    task = asyncio.get_running_loop().create_task(broker.publish(msgs))  # type: ignore[attr-defined]
+    task.add_done_callback(lambda t: _publish_done(w, p, t, len(msgs), cors))
+
+
+def _publish_done(w: "Worker", p: HTTPProtocol, task: asyncio.Task, n: int, cors: list) -> None:
+    exc = task.exception()
+    if p.state == CLOSED:
+        return
+    if exc is None:
+        _published(w, p, task.result(), n, cors)
+    elif isinstance(exc, BrokerUnavailable):
+        p.respond_error(Unavailable(f"broker unavailable: nothing was published ({exc})", headers=(("Retry-After", "1"),)))
+    else:
+        log.error("publish failed", exc_info=exc)
+        p.respond(500, b'{"error":"internal","detail":"publish failed"}', close=True)
+    if p.state != CLOSED:
+        p.drive()
+
+
+def _published(w: "Worker", p: HTTPProtocol, ids: list[str], n: int, cors: list) -> None:
+    w.events_published += n
+    w.publish_requests += 1
+    p.respond(200, orjson.dumps({"ids": ids}), headers=cors)
+
+
+def _is_loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip == "::1" or ip.startswith("::ffff:127.")
+
+
+# -- admin ------------------------------------------------------------------------------
+
+
+def _admin(w: "Worker", p: HTTPProtocol, req: h11.Request, path: bytes) -> None:
+    if req.method not in (b"GET", b"HEAD"):
+        raise MethodNotAllowed("admin endpoints are read-only: use GET", headers=(("Allow", "GET, HEAD"),))
+    if path == b"/healthz":
+        p.respond_json(200, {"status": "ok"})
+    elif path == b"/readyz":
+        ready = not w.draining and w.broker.ready()  # type: ignore[attr-defined]
+        if ready:
+            p.respond_json(200, {"status": "ready"})
+        else:
+            reason = "draining" if w.draining else "broker unavailable"
+            raise Unavailable(reason, code="not_ready")
+    elif path == b"/metrics":
+        registry = getattr(w, "_registry", None)
+        if registry is None:
+            registry = w._registry = make_registry(lambda: [w.snapshot()])  # type: ignore[attr-defined]
+        p.respond(200, render(registry), content_type=CONTENT_TYPE.encode())
+    elif path == b"/admin/stats":
+        p.respond_json(200, {"workers": [stats(w)]})
+    elif path.startswith(b"/admin/topics/"):
+        name = unquote(path[len(b"/admin/topics/"):].decode("latin-1"), errors="strict")
+        validate_topic(name)
+        local = w.table.subscribers(name)
+        task = asyncio.get_running_loop().create_task(w.broker.subscribers(name, local))  # type: ignore[attr-defined]
+
+        def done(t: asyncio.Task) -> None:
+            if p.state == CLOSED:
+                return
+            if t.exception() is not None:
+                p.respond_error(Unavailable("broker unavailable", headers=(("Retry-After", "1"),)))
+            else:
+                p.respond_json(200, {"topic": name, "subscribers": t.result()})
+            if p.state != CLOSED:
+                p.drive()
+
+        task.add_done_callback(done)
+    else:
+        raise NotFound(f"no such admin path: {path[:200].decode('latin-1')}")
+
+
+def stats(w: "Worker") -> dict[str, object]:
+    snap = w.snapshot()
+    for k in ("hist_writes", "hist_events"):
+        snap.pop(k, None)
+    snap["pid"] = os.getpid()
+    snap["uptime_s"] = round(time.time() - w.started_at, 3)
+    snap["draining"] = w.draining
+    snap["broker"] = w.broker.stats()  # type: ignore[attr-defined]
+    return snap
+
+
+__all__ = ["handle", "cors_headers", "ProtocolError", "T_HEAD"]

@@ -1,0 +1,321 @@
+"""The asyncio.Protocol: bytes in and out, h11 for request heads, raw bytes for streams.
+
+Strategy (after uvicorn's ``h11_impl`` loop and aiohttp's ``base_protocol`` flow control):
+- One ``HTTPProtocol`` object per socket, and it *is* the connection-table record (it
+  subclasses :class:`~ssegw.core.table.Conn`).  No Task, Future or TimerHandle is created
+  per connection: head/idle timeouts and heartbeats are entries in the worker's wheel.
+- While a request is being read, an ``h11.Connection`` parses it, with its head bounded by
+  ``max_head_size`` (h11's ``max_incomplete_event_size``: 431) and our own request-line
+  limit (414).  Plain requests (``/publish``, admin) get keep-alive.
+- When a stream starts, h11 writes the response head and is then dropped: it would cost
+  ~1.5 KB per idle subscriber and has nothing left to do.  From then on event bytes,
+  already chunk-framed once per flush, go straight to ``transport.write``.  On a server
+  close we write the last chunk (``0\\r\\n\\r\\n``) ourselves.
+
+Body framing of streams: chunked for HTTP/1.1 clients, close-delimited for HTTP/1.0 (h11
+decides, per RFC 9112).  Chunked lets a proxy tell a deliberate end of stream (last chunk)
+from a truncation, and keeps the connection reusable by intermediaries; its cost is a few
+bytes of framing computed once per topic per flush, shared by all subscribers.
+
+Errors: every refusal is a :class:`~ssegw.core.errors.ProtocolError` raised below and
+translated here, once, into its status and ``{"error", "detail"}`` body.  Garbage from the
+network is counted and logged at debug level; a bug of ours is logged with its traceback
+and answered 500 -- neither takes the worker down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import h11
+import orjson
+
+from ..core.errors import ProtocolError
+from ..core.sse import LAST_CHUNK
+from ..core.sse import chunk as _chunk
+from ..core.table import BODY, CLOSED, HEAD, STREAM, WAIT, Conn
+
+log = logging.getLogger("ssegw.http")
+
+#: Longest request line we read (RFC 9112 3 recommends supporting at least 8000 octets;
+#: nginx's default large-header buffer is 8 KiB).  Longer is 414.
+MAX_REQUEST_LINE = 8192
+#: What a stream client may send us after its request (nothing is expected; a stray
+#: pipelined request or keepalive probe is tolerated and discarded up to this much).
+MAX_STREAM_INBOUND = 64 * 1024
+
+# Timer kinds in the worker's wheel.
+T_HEAD, T_HEARTBEAT, T_DEADLINE = 1, 2, 3
+
+_REASONS = {
+    200: b"OK", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",
+    403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
+    413: b"Content Too Large", 414: b"URI Too Long", 415: b"Unsupported Media Type",
+    429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 503: b"Service Unavailable",
+}
+_SERVER = (b"server", b"ssegw")
+
+
+def error_body(code: str, detail: str) -> bytes:
+    return orjson.dumps({"error": code, "detail": detail})
+
+
+class HTTPProtocol(Conn, asyncio.Protocol):
+    __slots__ = ("w", "h11", "admin", "req", "body", "line", "inbound", "held_ip")
+
+    def __init__(self, worker: object, admin: bool) -> None:
+        self.init_conn()
+        self.w = worker
+        self.admin = admin
+        self.h11: h11.Connection | None = None
+        self.req: h11.Request | None = None
+        self.body: list[bytes] | None = None
+        self.line = 0  # bytes of the current request line seen; -1 once it is complete
+        self.inbound = 0  # bytes received (body, or discarded bytes on a stream)
+        self.held_ip = False  # holds a per-IP stream slot that must be released
+
+    # -- asyncio callbacks ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.ip = peer[0] if peer else ""
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.w.cfg.max_head_size)
+        self.w.on_connect(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = CLOSED
+        self.h11 = None
+        self.req = None
+        self.body = None
+        self.w.on_close(self)
+
+    def eof_received(self) -> bool:
+        # A half-closed client will not read our answer either; close now (False) rather
+        # than keep a half-open socket around.
+        return False
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        if self.state == STREAM:
+            self.w.on_resume(self)
+        else:
+            self.paused = False
+
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state == STREAM or state == WAIT and self.h11 is None:
+            self.inbound += len(data)
+            if self.inbound > MAX_STREAM_INBOUND:
+                self.w.count_protocol_error()
+                self.abort()
+            return
+        if state == CLOSED or self.h11 is None:
+            return
+        if self.line >= 0 and state == HEAD:
+            limit = min(MAX_REQUEST_LINE, self.w.cfg.max_head_size)
+            i = data.find(b"\n")
+            if i < 0:
+                self.line += len(data)
+                if self.line > limit:
+                    self._refuse(414, "uri_too_long", f"request line is longer than {limit} bytes")
+                    return
+            else:
+                if self.line + i > limit:
+                    self._refuse(414, "uri_too_long", f"request line is longer than {limit} bytes")
+                    return
+                self.line = -1
+        try:
+            self.h11.receive_data(data)
+        except RuntimeError:  # data after the client closed its side: nothing to parse
+            return
+        self.drive()
+
+    # -- request cycle ----------------------------------------------------------------
+
+    def drive(self) -> None:
+        """Pull h11 events until it needs more data or a handler takes over."""
+        while self.state == HEAD or self.state == BODY:
+            conn = self.h11
+            if conn is None:
+                return
+            try:
+                ev = conn.next_event()
+            except h11.RemoteProtocolError as e:
+                status = e.error_status_hint or 400
+                self.w.count_protocol_error()
+                log.debug("malformed request from %s: %s", self.ip, e)
+                code = "header_too_large" if status == 431 else "bad_request"
+                self._refuse(status, code, str(e) or "malformed request")
+                return
+            if ev is h11.NEED_DATA or ev is h11.PAUSED:
+                return
+            t = type(ev)
+            if t is h11.Request:
+                self._on_request(ev)  # type: ignore[arg-type]
+            elif t is h11.Data:
+                self.inbound += len(ev.data)  # type: ignore[union-attr]
+                if self.inbound > self.w.cfg.max_body:
+                    self._refuse(413, "payload_too_large", f"body is over max_body ({self.w.cfg.max_body} bytes)")
+                    return
+                assert self.body is not None
+                self.body.append(ev.data)  # type: ignore[union-attr]
+            elif t is h11.EndOfMessage:
+                self._dispatch()
+            elif t is h11.ConnectionClosed:
+                self.close()
+                return
+
+    def _on_request(self, req: h11.Request) -> None:
+        self.req = req
+        self.body = []
+        self.inbound = 0
+        self.state = BODY
+        cfg = self.w.cfg
+        for name, value in req.headers:
+            if name == b"content-length":
+                try:
+                    n = int(value)
+                except ValueError:
+                    n = 0  # h11 has already validated it
+                if n > cfg.max_body:
+                    self._refuse(413, "payload_too_large", f"body is over max_body ({cfg.max_body} bytes)")
+                    return
+        if self.h11 is not None and self.h11.they_are_waiting_for_100_continue:
+            self.transport.write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))  # type: ignore[attr-defined]
+
+    def _dispatch(self) -> None:
+        req = self.req
+        body = b"".join(self.body or ())
+        self.body = None
+        self.state = WAIT
+        # Nothing more is read until this request is answered: pipelined requests wait in
+        # the kernel, not in our memory.
+        self.transport.pause_reading()  # type: ignore[attr-defined]
+        assert req is not None
+        try:
+            self.w.handle(self, req, body)
+        except ProtocolError as e:
+            self.respond_error(e)
+        except Exception:  # a bug of ours: log it with its traceback, answer 500, keep serving
+            log.exception("handler failed for %s %s", req.method.decode("latin-1"), req.target[:200].decode("latin-1"))
+            self.respond(500, error_body("internal", "internal server error"), close=True)
+
+    # -- answers ----------------------------------------------------------------------
+
+    def respond(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes = b"application/json",
+        headers: list[tuple[bytes, bytes]] | tuple = (),
+        close: bool = False,
+    ) -> None:
+        """Send a complete response; keep the connection for the next request if we can."""
+        conn = self.h11
+        if conn is None or self.state == CLOSED:
+            return
+        hdrs = [_SERVER, (b"content-type", content_type), (b"content-length", b"%d" % len(body))]
+        hdrs.extend(headers)
+        close = close or self.w.draining or conn.their_state is not h11.DONE
+        if close:
+            hdrs.append((b"connection", b"close"))
+        try:
+            out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=_REASONS.get(status, b"")))
+            if body and self.req is not None and self.req.method != b"HEAD":
+                out += conn.send(h11.Data(data=body))  # type: ignore[operator]
+            out += conn.send(h11.EndOfMessage())  # type: ignore[operator]
+        except h11.LocalProtocolError as e:
+            log.debug("cannot answer %s: %s", self.ip, e)
+            self.abort()
+            return
+        self.transport.write(out)  # type: ignore[attr-defined]
+        if close or conn.our_state is h11.MUST_CLOSE:
+            self.close()
+            return
+        # Keep-alive: start the next request cycle and parse whatever was pipelined.
+        conn.start_next_cycle()
+        self.req = None
+        self.state = HEAD
+        self.line = 0
+        self.w.arm_idle(self)
+        self.transport.resume_reading()  # type: ignore[attr-defined]
+
+    def respond_json(self, status: int, obj: object, headers: list[tuple[bytes, bytes]] | tuple = ()) -> None:
+        self.respond(status, orjson.dumps(obj), headers=headers)
+
+    def respond_error(self, e: ProtocolError) -> None:
+        status = e.status_hint
+        self.w.count_response(status)
+        hdrs = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in e.headers]
+        hdrs.extend(self.w.cors_headers(self))
+        self.respond(status, error_body(e.code, e.detail), headers=hdrs, close=status >= 500 and status != 503)
+
+    def _refuse(self, status: int, code: str, detail: str) -> None:
+        """Answer a request we could not parse (or read) and close the connection."""
+        self.w.count_response(status)
+        conn = self.h11
+        if conn is not None and conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            body = error_body(code, detail)
+            hdrs = [_SERVER, (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                    (b"connection", b"close")]
+            try:
+                out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=_REASONS.get(status, b"")))
+                out += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())  # type: ignore[operator]
+                self.transport.write(out)  # type: ignore[attr-defined]
+            except h11.LocalProtocolError:
+                # h11 will not answer a peer it considers broken (e.g. a bad request line
+                # means it never learned the HTTP version); write a minimal 1.1 answer.
+                self.transport.write(  # type: ignore[attr-defined]
+                    b"HTTP/1.1 %d %s\r\nserver: ssegw\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                    % (status, _REASONS.get(status, b""), len(body), body)
+                )
+        self.close()
+
+    # -- streams ----------------------------------------------------------------------
+
+    def start_stream(self, headers: list[tuple[bytes, bytes]], first: bytes) -> None:
+        """Write the 200 head plus ``first`` (retry, reset, replay) and leave h11 behind."""
+        conn = self.h11
+        assert conn is not None
+        head = conn.send(h11.Response(status_code=200, headers=[_SERVER, *headers], reason=b"OK"))
+        self.chunked = conn.their_http_version != b"1.0"
+        self.h11 = None
+        self.req = None
+        self.body = None
+        self.inbound = 0
+        self.state = STREAM
+        # Read again, only to notice the client closing (bytes are discarded, bounded).
+        self.transport.resume_reading()  # type: ignore[attr-defined]
+        self.transport.write(head + (_chunk(first) if self.chunked else first))  # type: ignore[attr-defined, operator]
+
+    def send_stream(self, payload: bytes) -> None:
+        """Write SSE bytes (heartbeat, retry) to an open stream, framed as needed."""
+        self.transport.write(_chunk(payload) if self.chunked else payload)  # type: ignore[attr-defined]
+
+    def end_stream(self, last: bytes = b"") -> None:
+        """Close a stream from our side: ``last`` (e.g. a retry hint), the last chunk, FIN."""
+        if self.state == CLOSED:
+            return
+        if self.chunked:
+            self.transport.write(_chunk(last) + LAST_CHUNK)  # type: ignore[attr-defined]
+        elif last:
+            self.transport.write(last)  # type: ignore[attr-defined]
+        self.close()
+
+    def close(self) -> None:
+        if self.state != CLOSED:
+            self.state = CLOSED
+            self.w.on_closing(self)
+        self.transport.close()  # type: ignore[attr-defined]
+
+    def abort(self) -> None:
+        if self.state != CLOSED:
+            self.state = CLOSED
+            self.w.on_closing(self)
+        self.transport.abort()  # type: ignore[attr-defined]

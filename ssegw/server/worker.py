@@ -1,0 +1,432 @@
+"""One worker: a uvloop event loop serving the public and admin listeners.
+
+Everything time-driven hangs off two loop callbacks, never one per connection:
+- the *tick* (every ``TICK_MS``) advances the single timer wheel, which holds every
+  connection's head/idle timeout, heartbeat and close deadline (lifetime, token expiry,
+  drain), and does periodic housekeeping;
+- the *flush* runs the batched broadcast.  It is scheduled when events arrive: at once if
+  the last flush was ``flush_interval`` ago or there is little to coalesce (a directed
+  message to a few subscribers should not wait), else at ``last_flush + flush_interval``.
+  Under heavy fan-out a sweep itself takes longer than the interval, so every flush
+  carries all events since the previous one in one write per connection.
+
+Closing rules: a connection we close is detached from the topic index at once (so no
+flush writes to it), except during a flush sweep, where detaching is deferred to the end
+of the sweep; its slot is freed in ``connection_lost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+from ..config import Config
+from ..core.history import Event
+from ..core.sse import HEARTBEAT, encode_retry
+from ..core.table import CLOSED, HEAD, STREAM, Table
+from ..core.fanout import Fanout
+from ..core.wheel import TimerWheel
+from ..metrics import FLUSH_EVENT_BUCKETS, FLUSH_WRITE_BUCKETS, Histogram
+from ..policy.auth import Authenticator
+from ..policy.limits import Admission, ConnCounter, IPFilter, TokenBuckets
+from . import handlers
+from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol, error_body
+from .sockets import bind_socket
+
+log = logging.getLogger("ssegw.worker")
+
+#: Resolution of the timer wheel.  Heartbeats and timeouts are seconds-scale; 50 ms keeps
+#: the idle wake-up rate at 20/s while nothing fires more than 50 ms late.
+TICK_MS = 50
+#: A flush writing to at most this many connections is done at once instead of waiting for
+#: the batching interval: coalescing buys nothing for a handful of writes, and directed
+#: traffic (one subscriber per topic) must not pay the interval in latency.
+EAGER_WRITES = 64
+#: How long an idle keep-alive connection (publisher, scraper) is kept (nginx's default).
+KEEPALIVE_IDLE_MS = 75_000
+#: Housekeeping period (history trimming, token-bucket pruning) in ticks.
+HOUSEKEEPING_TICKS = 20
+# Close-deadline kinds (wheel timer kinds beyond the protocol's).
+T_LIFETIME, T_EXPIRE, T_DRAIN = 4, 5, 6
+
+
+class Worker:
+    T_LIFETIME, T_EXPIRE, T_DRAIN = T_LIFETIME, T_EXPIRE, T_DRAIN
+
+    def __init__(self, cfg: Config, broker: object, *, extra_startup: Callable[["Worker"], None] | None = None) -> None:
+        self.cfg = cfg
+        self.broker = broker
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.table = Table(conflate_for=lambda t: cfg.topic_settings(t)[0] == "conflate")
+        self.fanout = Fanout(self.table, cfg.max_buffer, self._drop)
+        self.wheel: TimerWheel | None = None
+        a = cfg.auth
+        self.auth = Authenticator(
+            algorithm=a.jwt_algorithm, secret=a.jwt_secret, public_key=a.jwt_public_key,
+            audience=a.audience, issuer=a.issuer, leeway=a.leeway, cookie=a.cookie,
+            publish_keys=a.publish_keys,
+        )
+        self.admission = Admission(
+            ip_filter=IPFilter(cfg.ip_allow, cfg.ip_deny),
+            per_ip=ConnCounter(cfg.max_conns_per_ip),
+            rate=TokenBuckets(cfg.conn_rate, cfg.conn_burst) if cfg.conn_rate > 0 else None,
+            max_connections=cfg.max_connections,
+        )
+        self.draining = False
+        self.stopping: asyncio.Future[None] | None = None
+        self.servers: list[asyncio.AbstractServer] = []
+        self.admin_servers: list[asyncio.AbstractServer] = []
+        self.extra_startup = extra_startup
+        self.started_at = time.time()
+        # Flush scheduling.
+        self.flush_handle: asyncio.Handle | None = None
+        self.last_flush = 0.0
+        self.in_flush = False
+        self.deferred: list[HTTPProtocol] = []
+        self.interval = cfg.flush_interval
+        # Timing in ms.
+        self.retry_ms = int(cfg.retry * 1000)
+        self.hb_ms = int(cfg.heartbeat_interval * 1000)
+        self.head_ms = int(cfg.head_timeout * 1000)
+        self.idle_ms = max(KEEPALIVE_IDLE_MS, self.head_ms)
+        self.tick_count = 0
+        # Counters (plain ints; read by metrics at scrape time).
+        self.connections_open = 0
+        self.connections_accepted = 0
+        self.streams_opened = 0
+        self.events_published = 0
+        self.events_replayed = 0
+        self.heartbeats = 0
+        self.resets = 0
+        self.publish_requests = 0
+        self.head_timeouts = 0
+        self.protocol_errors = 0
+        self.closed_lifetime = 0
+        self.closed_expired = 0
+        self.responses: dict[int, int] = {}
+        self.slow_closed: dict[str, int] = {}
+        self.hist_writes = Histogram(FLUSH_WRITE_BUCKETS)
+        self.hist_events = Histogram(FLUSH_EVENT_BUCKETS)
+
+    # -- clocks -----------------------------------------------------------------------
+
+    def now_ms(self) -> int:
+        assert self.loop is not None
+        return int(self.loop.time() * 1000)
+
+    # -- start / stop -----------------------------------------------------------------
+
+    async def start(self, public_socks: list[socket.socket] | None = None,
+                    admin_socks: list[socket.socket] | None = None) -> None:
+        """Bind (or adopt) the listeners and start serving.  Does not wait."""
+        loop = self.loop = asyncio.get_running_loop()
+        cfg = self.cfg
+        self.wheel = TimerWheel(TICK_MS, self.now_ms())
+        self.stopping = loop.create_future()
+        await self.broker.start(self.on_events)  # type: ignore[attr-defined]
+        if public_socks is None:
+            public_socks = [bind_socket(cfg.host, cfg.port)]
+        for s in public_socks:
+            self.servers.append(await loop.create_server(lambda: HTTPProtocol(self, False), sock=s, backlog=4096))
+        if admin_socks is None and cfg.admin_port >= 0:
+            admin_socks = [bind_socket(cfg.admin_host, cfg.admin_port)]
+        for s in admin_socks or ():
+            self.admin_servers.append(await loop.create_server(lambda: HTTPProtocol(self, True), sock=s))
+        loop.call_at(loop.time() + TICK_MS / 1000, self._tick)
+        if self.extra_startup is not None:
+            self.extra_startup(self)
+
+    def bound_ports(self) -> tuple[int, int]:
+        pub = self.servers[0].sockets[0].getsockname()[1] if self.servers else 0
+        adm = self.admin_servers[0].sockets[0].getsockname()[1] if self.admin_servers else 0
+        return pub, adm
+
+    def install_signals(self) -> None:
+        assert self.loop is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.drain)
+        self.loop.add_signal_handler(signal.SIGHUP, self._sighup)
+
+    def _sighup(self) -> None:
+        log.warning("SIGHUP: reload needs the supervisor (--workers); ignored in single-process mode")
+
+    async def wait_stopped(self) -> None:
+        assert self.stopping is not None
+        await self.stopping
+        for s in self.admin_servers:
+            s.close()
+        await self.broker.close()  # type: ignore[attr-defined]
+
+    def drain(self) -> None:
+        """Stop accepting, answer /readyz 503, close streams spread over drain_timeout."""
+        if self.draining:
+            log.warning("second stop signal: closing everything now")
+            self._stop_now()
+            return
+        log.info("draining: %d streams over %.1fs", self.table.streams, self.cfg.drain_timeout)
+        self.draining = True
+        for s in self.servers:
+            s.close()
+        now = self.now_ms()
+        drain_ms = int(self.cfg.drain_timeout * 1000)
+        for p in list(self.table.records):
+            if p is None:
+                continue
+            if p.state == STREAM:
+                self.set_deadline(p, now + int(random.uniform(0, drain_ms)), T_DRAIN)  # type: ignore[arg-type]
+            elif p.state == HEAD and p.line == 0:  # type: ignore[attr-defined]
+                p.close()  # type: ignore[attr-defined]
+        assert self.loop is not None
+        self.loop.call_later(self.cfg.drain_timeout + 2.0, self._stop_now)
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if not self.draining or self.stopping is None or self.stopping.done():
+            return
+        for p in self.table.records:
+            if p is not None and not p.admin and p.state != CLOSED:  # type: ignore[attr-defined]
+                return
+        self._stop_now()
+
+    def _stop_now(self) -> None:
+        for p in list(self.table.records):
+            if p is not None and p.state != CLOSED:
+                if p.state == STREAM:
+                    p.end_stream(encode_retry(self.jittered_retry()))  # type: ignore[attr-defined]
+                else:
+                    p.abort()  # type: ignore[attr-defined]
+        if self.stopping is not None and not self.stopping.done():
+            self.stopping.set_result(None)
+
+    # -- connection events (called by the protocol) -------------------------------------
+
+    def on_connect(self, p: HTTPProtocol) -> None:
+        self.table.add(p)
+        if not p.admin:
+            self.connections_open += 1
+            self.connections_accepted += 1
+        assert self.wheel is not None
+        p.timer = self.wheel.schedule(self.now_ms() + self.head_ms, T_HEAD, p)
+        # Bound what one socket can buffer in user space before pause_writing: small
+        # enough that max_buffer, not the transport, holds a slow client's backlog.
+        p.transport.set_write_buffer_limits(high=min(64 * 1024, self.cfg.max_buffer // 2))  # type: ignore[attr-defined]
+
+    def on_closing(self, p: HTTPProtocol) -> None:
+        if self.in_flush:
+            self.deferred.append(p)
+        else:
+            self._detach(p)
+
+    def on_close(self, p: HTTPProtocol) -> None:
+        self._detach(p)
+        if p.slot >= 0:
+            self.table.remove(p)
+            if not p.admin:
+                self.connections_open -= 1
+        if self.draining:
+            self._check_drained()
+
+    def _detach(self, p: HTTPProtocol) -> None:
+        if p.topics:
+            self.table.unsubscribe(p)
+        if p.held_ip:
+            p.held_ip = False
+            self.admission.per_ip.release(p.ip)
+        wheel = self.wheel
+        if wheel is not None:
+            if p.timer is not None:
+                wheel.cancel(p.timer)  # type: ignore[arg-type]
+                p.timer = None
+            if p.deadline is not None:
+                wheel.cancel(p.deadline)  # type: ignore[arg-type]
+                p.deadline = None
+        p.pending = None
+        p.pending_bytes = 0
+
+    def on_resume(self, p: HTTPProtocol) -> None:
+        self.fanout.resume(p, self.now_ms())
+
+    def _drop(self, p: object, reason: str) -> None:
+        """Slow-consumer verdict from the fan-out: close at once, discarding its backlog."""
+        self.slow_closed[reason] = self.slow_closed.get(reason, 0) + 1
+        p.abort()  # type: ignore[attr-defined]
+
+    def arm_idle(self, p: HTTPProtocol) -> None:
+        wheel = self.wheel
+        assert wheel is not None
+        if p.timer is not None:
+            wheel.cancel(p.timer)  # type: ignore[arg-type]
+        p.timer = wheel.schedule(self.now_ms() + self.idle_ms, T_HEAD, p)
+
+    def count_protocol_error(self) -> None:
+        self.protocol_errors += 1
+
+    def count_response(self, status: int) -> None:
+        self.responses[status] = self.responses.get(status, 0) + 1
+
+    def cors_headers(self, p: HTTPProtocol) -> list[tuple[bytes, bytes]]:
+        return handlers.cors_headers(self, p)
+
+    def handle(self, p: HTTPProtocol, req: object, body: bytes) -> None:
+        handlers.handle(self, p, req, body)
+
+    # -- streams ----------------------------------------------------------------------
+
+    def jittered_retry(self) -> int:
+        """The ``retry:`` hint for a stream we close: 0.5x..1.5x ``retry`` so that the
+        clients of a drained worker do not all come back in the same millisecond."""
+        return int(self.retry_ms * random.uniform(0.5, 1.5))
+
+    def schedule_heartbeat(self, p: HTTPProtocol, first: bool) -> None:
+        assert self.wheel is not None
+        if first:
+            # Spread the first heartbeat of streams opened together over half an interval.
+            due = self.now_ms() + int(self.hb_ms * random.uniform(0.5, 1.0))
+        else:
+            due = p.last_write_ms + self.hb_ms
+        p.timer = self.wheel.schedule(due, T_HEARTBEAT, p)
+
+    def set_deadline(self, p: HTTPProtocol, due_ms: int, kind: int) -> None:
+        """Make ``due_ms`` the stream's close deadline if it is earlier than the current one."""
+        wheel = self.wheel
+        assert wheel is not None
+        cur = p.deadline
+        if cur is not None:
+            if cur.active and cur.deadline_ms <= due_ms:  # type: ignore[attr-defined]
+                return
+            wheel.cancel(cur)  # type: ignore[arg-type]
+        p.deadline = wheel.schedule(due_ms, kind, p)
+
+    # -- events and flushing ----------------------------------------------------------
+
+    def on_events(self, events: list[Event]) -> None:
+        """Broker callback: events in sequence order, ready to fan out."""
+        fan = self.fanout
+        queued = 0
+        for ev in events:
+            queued = fan.publish(ev)
+        self.schedule_flush(queued)
+
+    def schedule_flush(self, queued: int) -> None:
+        if self.flush_handle is not None:
+            return
+        loop = self.loop
+        assert loop is not None
+        now = loop.time()
+        due = self.last_flush + self.interval
+        if queued <= EAGER_WRITES or now >= due:
+            self.flush_handle = loop.call_soon(self.flush)
+        else:
+            self.flush_handle = loop.call_at(due, self.flush)
+
+    def flush(self) -> None:
+        self.flush_handle = None
+        assert self.loop is not None
+        self.last_flush = self.loop.time()
+        self.in_flush = True
+        try:
+            writes = self.fanout.flush(self.now_ms())
+        finally:
+            self.in_flush = False
+            deferred = self.deferred
+            if deferred:
+                self.deferred = []
+                for p in deferred:
+                    self._detach(p)
+        if writes:
+            st = self.fanout.stats
+            self.hist_writes.observe(writes)
+            self.hist_events.observe(st.last_events)
+
+    # -- the tick -----------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        loop = self.loop
+        assert loop is not None and self.wheel is not None
+        if self.stopping is not None and self.stopping.done():
+            return
+        loop.call_at(loop.time() + TICK_MS / 1000, self._tick)
+        now = self.now_ms()
+        for t in self.wheel.advance(now):
+            try:
+                self._fire(t, now)
+            except Exception:  # a bug of ours must not stop the tick for every connection
+                log.exception("timer callback failed")
+        self.tick_count += 1
+        if self.tick_count % HOUSEKEEPING_TICKS == 0:
+            self.broker.tick(now)  # type: ignore[attr-defined]
+            rate = self.admission.rate
+            if rate is not None:
+                rate.prune(now)
+
+    def _fire(self, t: object, now: int) -> None:
+        p: HTTPProtocol = t.target  # type: ignore[attr-defined]
+        kind = t.kind  # type: ignore[attr-defined]
+        if p.state == CLOSED:
+            return
+        if kind == T_HEARTBEAT:
+            if p.timer is not t or p.state != STREAM:
+                return
+            if not p.paused and now - p.last_write_ms >= self.hb_ms - TICK_MS:
+                p.send_stream(HEARTBEAT)
+                p.last_write_ms = now
+                self.heartbeats += 1
+            self.schedule_heartbeat(p, False)
+        elif kind == T_HEAD:
+            if p.timer is not t:
+                return
+            p.timer = None
+            if p.state == HEAD and p.line == 0:
+                p.close()  # idle keep-alive connection: nothing to answer
+            elif p.state != STREAM:
+                self.head_timeouts += 1
+                p._refuse(408, "request_timeout", f"request not received within head_timeout ({self.cfg.head_timeout}s)")
+        else:
+            if p.deadline is not t or p.state != STREAM:
+                return
+            p.deadline = None
+            if kind == T_LIFETIME:
+                self.closed_lifetime += 1
+            elif kind == T_EXPIRE:
+                self.closed_expired += 1
+            p.end_stream(encode_retry(self.jittered_retry()))
+
+    # -- introspection ------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, object]:
+        st = self.fanout.stats
+        return {
+            "connections_open": self.connections_open,
+            "streams_open": self.table.streams,
+            "slots_in_use": len(self.table),
+            "topics_active": len(self.table.topics),
+            "connections_accepted": self.connections_accepted,
+            "streams_opened": self.streams_opened,
+            "events_published": self.events_published,
+            "events_delivered": st.events_delivered,
+            "events_replayed": self.events_replayed,
+            "bytes_written": st.bytes_written,
+            "flushes": st.flushes,
+            "writes": st.writes,
+            "held": st.held,
+            "conflated": st.conflated,
+            "heartbeats": self.heartbeats,
+            "resets": self.resets,
+            "publish_requests": self.publish_requests,
+            "head_timeouts": self.head_timeouts,
+            "protocol_errors": self.protocol_errors,
+            "closed_lifetime": self.closed_lifetime,
+            "closed_expired": self.closed_expired,
+            "responses": dict(self.responses),
+            "slow_closed": dict(self.slow_closed),
+            "hist_writes": self.hist_writes.snapshot(),
+            "hist_events": self.hist_events.snapshot(),
+        }
+
+
+__all__ = ["Worker", "error_body"]
