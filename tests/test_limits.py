@@ -69,9 +69,7 @@ def test_ipfilter_accepts_cidr_strings() -> None:
     assert f.allowed("10.0.0.1") and not f.allowed("10.9.0.1")
 
 
-@pytest.mark.parametrize(
-    "ip", ["", "garbage", "1.2.3.256", "1.2.3", "::ffff:zz", "1.2.3.4/32", " ", "1.2.3.4:x"]
-)
+@pytest.mark.parametrize("ip", ["", "garbage", "1.2.3.256", "1.2.3", "::ffff:zz", "1.2.3.4/32", " ", "1.2.3.4:x"])
 def test_ipfilter_unparsable_is_refused(ip: str) -> None:
     assert not IPFilter((), ()).allowed(ip)
 
@@ -287,7 +285,7 @@ def make(*, per_ip: int = 2, rate: TokenBuckets | None = None, max_conn: int = 1
 
 
 def retry_after(exc: ProtocolError) -> int:
-    (name, value), = exc.headers
+    ((name, value),) = exc.headers
     assert name == "Retry-After" and value.isdigit()
     return int(value)
 

@@ -102,9 +102,7 @@ class IPFilter:
         return not self.allow or _in_any(addr, self.allow)
 
 
-def client_ip(
-    peer_ip: str, forwarded_for: str | None, trusted: tuple[Network | str, ...]
-) -> str:
+def client_ip(peer_ip: str, forwarded_for: str | None, trusted: tuple[Network | str, ...]) -> str:
     """The client address for limits and filters.
 
     Args:
@@ -277,10 +275,6 @@ class Admission:
         if self.rate is not None:
             wait = self.rate.take(ip, now_ms)
             if wait:
-                raise TooManyRequests(
-                    "connection rate exceeded", headers=(("Retry-After", str(wait)),)
-                )
+                raise TooManyRequests("connection rate exceeded", headers=(("Retry-After", str(wait)),))
         if not self.per_ip.acquire(ip):
-            raise TooManyRequests(
-                "too many connections from this address", headers=retry
-            )
+            raise TooManyRequests("too many connections from this address", headers=retry)
