@@ -62,7 +62,10 @@ def serve(cfg: Config) -> int:
 
             Ticker(w).start()
 
-    worker = Worker(cfg, broker, extra_startup=startup)
+    try:
+        worker = Worker(cfg, broker, extra_startup=startup)
+    except ValueError as e:  # the authenticator refuses an inconsistent [auth] table
+        raise ConfigError("auth", f"auth: {e}") from None
 
     async def run() -> None:
         await worker.start()

@@ -119,28 +119,41 @@ class Table:
         self.used -= 1
         conn.slot = -1
 
-    def subscribe(self, conn: Conn, topics: tuple[str, ...]) -> None:
-        conn.topics = topics
+    def subscribe(self, conn: Conn, topics: tuple[str, ...]) -> list[str]:
+        """Add ``conn`` to the index under ``topics``.  Returns the topics that had no
+        subscriber before (the broker's interest changes)."""
         self.streams += 1
+        fresh: list[str] = []
+        names: list[str] = []
         for name in topics:
             ts = self.topics.get(name)
             if ts is None:
                 conflate = bool(self._conflate_for(name)) if self._conflate_for else False  # type: ignore[operator]
                 ts = self.topics[name] = TopicState(name, conflate)
+            if not ts.subs:
+                fresh.append(name)
             ts.subs[conn.slot] = conn
+            names.append(ts.name)  # share one string per topic, not one per connection
+        conn.topics = tuple(names)
+        return fresh
 
-    def unsubscribe(self, conn: Conn) -> None:
+    def unsubscribe(self, conn: Conn) -> list[str]:
+        """Remove ``conn`` from the index.  Returns the topics left without subscribers."""
         if not conn.topics:
-            return
+            return []
         self.streams -= 1
+        gone: list[str] = []
         for name in conn.topics:
             ts = self.topics.get(name)
             if ts is None:
                 continue
             ts.subs.pop(conn.slot, None)
-            if not ts.subs and not ts.batch:
-                del self.topics[name]
+            if not ts.subs:
+                gone.append(name)
+                if not ts.batch:
+                    del self.topics[name]
         conn.topics = ()
+        return gone
 
     def subscribers(self, topic: str) -> int:
         ts = self.topics.get(topic)

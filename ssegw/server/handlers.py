@@ -4,9 +4,10 @@ Every handler either answers through the protocol (``respond*``/``start_stream``
 a :class:`~ssegw.core.errors.ProtocolError`, which the protocol turns into the status and
 JSON error body.  Nothing here writes to a socket directly.
 
-Order of checks for ``GET /events`` (first failure answers): query syntax (400), token
-(401/403), admission (403 denied address, 503 draining/at capacity, 429 rate or per-IP
-count).  Parameters are checked first so that a malformed request never costs a rate token.
+Order of checks for ``GET /events`` (first failure answers): query syntax (400), admission
+(403 denied address, 503 draining/at capacity, 429 rate or per-IP count), then the token
+(401/403).  Admission comes before the token so that a denied or rate-limited address cannot
+make us verify signatures; with only ``publish_keys`` configured, subscribing stays open.
 """
 
 from __future__ import annotations
@@ -179,14 +180,21 @@ def parse_subscribe(w: "Worker", req: h11.Request, query: bytes) -> tuple[tuple[
 def open_stream(w: "Worker", p: HTTPProtocol, req: h11.Request, query: bytes) -> None:
     topics, since, last_id, qtoken = parse_subscribe(w, req, query)
     after = parse_id(last_id) if last_id is not None else None
-    principal = None
-    if w.auth.enabled:
-        token = w.auth.token_from(_header(req, b"authorization"), qtoken, _header(req, b"cookie"))
-        principal = w.auth.authorize_subscribe(token, list(topics), time.time())
+    # Admission before token verification: a denied or rate-limited address must not be
+    # able to make us run signature checks.
     ip = _client_ip(w, p, req)
     w.admission.admit(ip, w.table.streams, w.now_ms(), w.draining)
     p.ip = ip
     p.held_ip = True
+    principal = None
+    if w.subscribe_auth:
+        token = w.auth.token_from(_header(req, b"authorization"), qtoken, _header(req, b"cookie"))
+        try:
+            principal = w.auth.authorize_subscribe(token, list(topics), time.time())
+        except ProtocolError:
+            p.held_ip = False
+            w.admission.per_ip.release(ip)
+            raise
     # The head is complete: the head timer's job is done.
     if p.timer is not None:
         w.wheel.cancel(p.timer)  # type: ignore[union-attr]
@@ -194,10 +202,8 @@ def open_stream(w: "Worker", p: HTTPProtocol, req: h11.Request, query: bytes) ->
     # Subscribe first and hold live events while the replay is fetched; the replay and the
     # held events are merged (duplicates removed by sequence) when the stream starts.
     p.paused = True
-    w.table.subscribe(p, topics)
-    for t in topics:
-        if w.table.subscribers(t) == 1:
-            w.broker.interest(t, True)  # type: ignore[attr-defined]
+    for t in w.table.subscribe(p, topics):
+        w.broker.interest(t, True)  # type: ignore[attr-defined]
     cors = cors_headers(w, p)
     broker = w.broker
     replay_now = getattr(broker, "replay_now", None)
@@ -214,7 +220,7 @@ def _replayed(w: "Worker", p: HTTPProtocol, task: asyncio.Task, principal: objec
     exc = task.exception()
     if exc is not None:
         p.paused = False
-        w.table.unsubscribe(p)
+        w.unsubscribe(p)
         if isinstance(exc, BrokerUnavailable):
             p.respond_error(Unavailable("history is unavailable, retry", headers=(("Retry-After", "1"),)))
         else:

@@ -71,6 +71,9 @@ class Worker:
             audience=a.audience, issuer=a.issuer, leeway=a.leeway, cookie=a.cookie,
             publish_keys=a.publish_keys,
         )
+        # Subscribers need a token only when a JWT key is configured; publish_keys alone
+        # protect publishing and leave subscribing open.
+        self.subscribe_auth = bool(a.jwt_secret or a.jwt_public_key)
         self.admission = Admission(
             ip_filter=IPFilter(cfg.ip_allow, cfg.ip_deny),
             per_ip=ConnCounter(cfg.max_conns_per_ip),
@@ -231,9 +234,13 @@ class Worker:
         if self.draining:
             self._check_drained()
 
+    def unsubscribe(self, p: HTTPProtocol) -> None:
+        for t in self.table.unsubscribe(p):
+            self.broker.interest(t, False)  # type: ignore[attr-defined]
+
     def _detach(self, p: HTTPProtocol) -> None:
         if p.topics:
-            self.table.unsubscribe(p)
+            self.unsubscribe(p)
         if p.held_ip:
             p.held_ip = False
             self.admission.per_ip.release(p.ip)
