@@ -304,6 +304,26 @@ def test_fifo_within_tick_across_levels_and_clamp(step: int | None) -> None:
     assert wheel.advance(164) == expected
 
 
+@pytest.mark.parametrize(
+    ("last", "jump_to"), [(300, 499), (420, 499), (300, 10_000), (420, 10_000), (495, 10_000)]
+)
+def test_fifo_within_tick_survives_jump(last: int, jump_to: int) -> None:
+    # Timers for tick 500 spread over every level and several top-level (clamped)
+    # buckets, then a jump (> 64 ticks) that either expires them or re-places them.
+    wheel = TimerWheel(tick_ms=1, now_ms=0, bits=2, levels=3)
+    expected = []
+    for now in range(0, last + 1, 5):
+        assert wheel.advance(now) == []  # steps of 5: the tick-by-tick path
+        expected.append(wheel.schedule(500, 0, now))
+    assert {level_of(wheel, t) for t in expected} == ({1, 2} if last == 495 else {2})
+    fired = wheel.advance(jump_to)
+    if jump_to < 500:
+        assert fired == []
+        expected.append(wheel.schedule(500, 0, "late"))  # after the re-placed ones
+        fired = wheel.advance(500)
+    assert fired == expected
+
+
 # -- property tests ------------------------------------------------------------------
 
 

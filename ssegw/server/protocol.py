@@ -116,24 +116,40 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             return
         if state == CLOSED or self.h11 is None:
             return
-        if self.line >= 0 and state == HEAD:
-            limit = min(MAX_REQUEST_LINE, self.w.cfg.max_head_size)
-            i = data.find(b"\n")
-            if i < 0:
-                self.line += len(data)
-                if self.line > limit:
-                    self._refuse(414, "uri_too_long", f"request line is longer than {limit} bytes")
-                    return
-            else:
-                if self.line + i > limit:
-                    self._refuse(414, "uri_too_long", f"request line is longer than {limit} bytes")
-                    return
-                self.line = -1
+        if state == HEAD and not self._check_head(data):
+            return
         try:
             self.h11.receive_data(data)
         except RuntimeError:  # data after the client closed its side: nothing to parse
             return
         self.drive()
+
+    def _check_head(self, data: bytes) -> bool:
+        """Enforce our own head limits before h11 sees ``data``; False if refused.
+
+        h11 bounds only *incomplete* heads (``max_incomplete_event_size``), so a complete
+        oversized head arriving in one segment would pass; we count head bytes ourselves.
+        ``inbound`` counts head bytes received so far in this request cycle.
+        """
+        max_head = self.w.cfg.max_head_size
+        if self.line >= 0:
+            limit = min(MAX_REQUEST_LINE, max_head)
+            i = data.find(b"\n")
+            if (self.line + len(data) if i < 0 else self.line + i) > limit:
+                self._refuse(414, "uri_too_long", f"request line is longer than {limit} bytes")
+                return False
+            if i < 0:
+                self.line += len(data)
+            else:
+                self.line = -1
+        end = _head_end(data)
+        size = self.inbound + (len(data) if end < 0 else end)
+        if size > max_head:
+            self.w.count_protocol_error()
+            self._refuse(431, "header_too_large", f"request head is larger than max_head_size ({max_head} bytes)")
+            return False
+        self.inbound = size
+        return True
 
     # -- request cycle ----------------------------------------------------------------
 
@@ -242,6 +258,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         self.req = None
         self.state = HEAD
         self.line = 0
+        self.inbound = 0
         self.w.arm_idle(self)
         self.transport.resume_reading()  # type: ignore[attr-defined]
 
@@ -319,3 +336,16 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             self.state = CLOSED
             self.w.on_closing(self)
         self.transport.abort()  # type: ignore[attr-defined]
+
+
+def _head_end(data: bytes) -> int:
+    """Index just past the blank line ending a request head in ``data``, or -1."""
+    a = data.find(b"\r\n\r\n")
+    b = data.find(b"\n\n")
+    if a < 0 and b < 0:
+        return -1
+    if a < 0:
+        return b + 2
+    if b < 0:
+        return a + 4
+    return min(a + 4, b + 2)
