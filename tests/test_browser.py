@@ -68,8 +68,15 @@ def page(browser, gateway):
     ctx.close()
 
 
-def _js(page, expr: str):  # noqa: ANN001, ANN202
-    return page.evaluate(expr)
+def _streams_gone(g, timeout: float = 5.0) -> bool:  # noqa: ANN001
+    """Wait until the gateway has no open SSE stream (read from /metrics: /admin/stats is
+    broken once any error response was counted, see test_admin_stats_after_a_browser_404)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if g.metrics()["ssegw_streams_open"] == 0:
+            return True
+        time.sleep(0.05)
+    return g.metrics()["ssegw_streams_open"] == 0
 
 
 # -- 1. the demo page ------------------------------------------------------------------
@@ -166,11 +173,12 @@ def test_reconnect_resumes_exactly_the_missed_events(gateway, page):
     # Events arrived on more than one stream: the resume really carried the sequence on.
     assert len({m["open"] for m in got}) >= 2
 
-    m = g.metrics()
-    assert m["ssegw_streams_closed_lifetime_total"] >= 1, "the server never closed a stream at max_lifetime"
-    replayed = m["ssegw_events_replayed_total"] - replayed_before
+    metrics = g.metrics()
+    assert metrics["ssegw_streams_closed_lifetime_total"] >= 1, "the server never closed a stream at max_lifetime"
+    replayed = metrics["ssegw_events_replayed_total"] - replayed_before
     assert replayed > 0, "no event came from history replay: nothing was missed while disconnected?"
     assert replayed <= n
+    assert _streams_gone(g), "the stream the browser closed is still open on the gateway"
 
 
 # -- 3. named events and multi-line data -------------------------------------------------
@@ -227,3 +235,20 @@ def test_named_events_and_multiline_data(gateway, page):
     assert named["price.update"] == [{"id": ids[1], "data": '{"sym":"AAPL","px":1.5}', "type": "price.update"}]
     # Unnamed events go to onmessage only; named ones never do.
     assert plain == [{"id": ids[2], "data": "plain one"}, {"id": ids[6], "data": "two\nlines"}]
+    assert _streams_gone(g)
+
+
+# -- a regression a browser tripped over (/admin/stats after a 404) ----------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_admin_stats_after_a_browser_404(gateway, page):
+    g = gateway("--demo")
+    page.goto(f"http://127.0.0.1:{g.port}/")
+    resp = page.goto(f"http://127.0.0.1:{g.port}/favicon.ico")
+    # Preconditions fail with pytest.fail (not AssertionError), so they are never taken as the bug.
+    if resp is None or resp.status != 404 or resp.json().get("error") != "not_found":
+        pytest.fail(f"expected a JSON 404 for /favicon.ico, got {resp and resp.status}")
+    r = g.request("GET", "/admin/stats", admin=True)
+    assert r.status == 200, r
+    assert g.stats()["responses"]

@@ -304,6 +304,17 @@ def test_fifo_within_tick_across_levels_and_clamp(step: int | None) -> None:
     assert wheel.advance(164) == expected
 
 
+def test_fifo_beyond_horizon_when_walking() -> None:
+    # Regression: clamping the *expiry* (kernel style) made these two take different
+    # revolutions down the wheel and come out in the wrong order.
+    wheel = TimerWheel(tick_ms=1, now_ms=0, bits=2, levels=3)
+    first = wheel.schedule(468, 0, "first")
+    wheel.advance(5)
+    second = wheel.schedule(468, 0, "second")
+    fired = walk(wheel, 468, step_ms=1)
+    assert fired == [(468, first), (468, second)]
+
+
 @pytest.mark.parametrize(
     ("last", "jump_to"), [(300, 499), (420, 499), (300, 10_000), (420, 10_000), (495, 10_000)]
 )
@@ -370,6 +381,9 @@ class Rec:
 ops = st.lists(
     st.one_of(
         st.tuples(st.just("schedule"), st.integers(-200, 3000)),
+        # a few fixed absolute deadlines, so one tick collects timers scheduled from
+        # many distances (different levels, beyond the horizon, already passed)
+        st.tuples(st.just("at"), st.sampled_from([0, 1, 64, 300, 1001, 4097, 9000])),
         st.tuples(st.just("advance"), st.integers(-30, 300)),
         st.tuples(st.just("advance"), st.integers(300, 200_000)),
         st.tuples(st.just("cancel"), st.integers(0, 10_000)),
@@ -393,10 +407,11 @@ def test_property_against_model(
     recs: list[Rec] = []
     now = start
     for op, arg in [*ops, ("advance", 10**9)]:
-        if op == "schedule":
-            deadline = now + arg
+        if op in ("schedule", "at"):
+            deadline = now + arg if op == "schedule" else start + arg * tick_ms
             timer = wheel.schedule(deadline, len(recs), len(recs))
-            recs.append(Rec(timer, len(recs), max(-(-deadline // tick_ms), 0), arg <= 0))
+            past = deadline <= now
+            recs.append(Rec(timer, len(recs), max(-(-deadline // tick_ms), 0), past))
         elif op == "cancel" and recs:
             rec = recs[arg % len(recs)]
             wheel.cancel(rec.timer)

@@ -13,7 +13,8 @@ Level ``l`` has ``2**bits`` buckets and holds timers ``2**(bits*l) <= delta <
 2**(bits*(l+1))`` ticks away, in bucket ``(tick >> bits*l) & mask``.  When the current
 tick crosses a multiple of ``2**(bits*l)``, the level-``l`` bucket it indexes holds exactly
 the timers due in the next ``2**(bits*l)`` ticks and is re-placed ("cascaded") into the
-lower levels; level 0 buckets hold a single tick and simply expire.
+lower levels; level 0 buckets hold a single tick and simply expire.  Deltas beyond the
+top level's horizon are clamped into the top level and re-placed when cascaded.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ class TimerWheel:
         tick_ms: wheel resolution; deadlines are rounded *up* to a whole tick.
         now_ms: the current time (any non-negative monotonic millisecond clock).
         bits: log2 of the buckets per level.
-        levels: number of levels (>= 2); the horizon is ``2**(bits*levels)`` ticks and
-            later deadlines are parked in the top level until they come within reach.
+        levels: number of levels (>= 2); the horizon is ``2**(bits*levels)`` ticks;
+            later deadlines wait in the top level, re-checked once per revolution.
     """
 
     def __init__(self, tick_ms: int, now_ms: int, bits: int = 6, levels: int = 4) -> None:
@@ -167,14 +168,12 @@ class TimerWheel:
     def _slot(self, tick: int) -> tuple[int, int]:
         """(level, bucket) for a timer expiring at ``tick`` >= the current tick."""
         delta = tick - self._cur
-        if delta >= self._horizon:
-            # Too far for any level: park it where the top level cascades last (the
-            # bucket of cur + horizon - 1); the cascade re-places it by its real tick,
-            # possibly parking it again, so it can only ever be late by zero ticks.
-            level = self._levels - 1
-            tick = self._cur + self._horizon - 1
-        else:
-            level = max(delta.bit_length() - 1, 0) // self._bits
+        # Beyond the horizon the *level* is clamped to the top, but the bucket is still
+        # the tick's own: the timer is cascaded once per wheel revolution, put straight
+        # back into the same bucket while still out of reach, and moves down exactly
+        # when its range begins, so it is never early.  (Clamping the *expiry* instead,
+        # as the kernel did, spreads equal ticks over different buckets and loses FIFO.)
+        level = min(max(delta.bit_length() - 1, 0) // self._bits, self._levels - 1)
         return level, (tick >> (self._bits * level)) & self._mask
 
     def _expire(self, timers: list[Timer], out: list[Timer]) -> None:
@@ -219,16 +218,17 @@ class TimerWheel:
             self._wheel[lvl][i][:0] = timers
 
     def _jump(self, target: int, out: list[Timer]) -> None:
-        # Gather in expiry order for equal ticks (top level in cascade order starting
-        # after the current bucket, then lower levels, each bucket FIFO), then expire
-        # the due ones with a stable sort and re-place the rest against the new tick.
-        top, mask, bits = self._levels - 1, self._mask, self._bits
-        start = self._cur >> (bits * top)
-        rows = [self._wheel[top][(start + k) & mask] for k in range(1, mask + 2)]
-        for level in range(top - 1, -1, -1):
-            rows.extend(self._wheel[level])
-        alive = [t for row in rows for t in row if t.target is not None]
-        self._wheel = [[[] for _ in range(mask + 1)] for _ in range(self._levels)]
+        # Gather top level first (for one tick, higher levels hold earlier-scheduled
+        # timers and each tick has a single bucket per level), expire the due ones with
+        # a stable sort, and re-place the rest against the new tick in that same order.
+        alive = [
+            timer
+            for row in reversed(self._wheel)
+            for bucket in row
+            for timer in bucket
+            if timer.target is not None
+        ]
+        self._wheel = [[[] for _ in range(self._mask + 1)] for _ in range(self._levels)]
         self._cur = target
         due = [t for t in alive if t.tick <= target]
         due.sort(key=_tick_of)

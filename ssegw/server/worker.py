@@ -111,7 +111,7 @@ class Worker:
         self.protocol_errors = 0
         self.closed_lifetime = 0
         self.closed_expired = 0
-        self.responses: dict[int, int] = {}
+        self.responses: dict[str, int] = {}  # by status code as text (JSON keys)
         self.slow_closed: dict[str, int] = {}
         self.hist_writes = Histogram(FLUSH_WRITE_BUCKETS)
         self.hist_events = Histogram(FLUSH_EVENT_BUCKETS)
@@ -274,7 +274,8 @@ class Worker:
         self.protocol_errors += 1
 
     def count_response(self, status: int) -> None:
-        self.responses[status] = self.responses.get(status, 0) + 1
+        key = str(status)
+        self.responses[key] = self.responses.get(key, 0) + 1
 
     def cors_headers(self, p: HTTPProtocol) -> list[tuple[bytes, bytes]]:
         return handlers.cors_headers(self, p)

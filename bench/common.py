@@ -1,0 +1,261 @@
+"""Shared pieces of the benchmark: the server process, /proc sampling, latency histograms.
+
+Nothing here is on a hot path except :func:`hist_from_sorted` (run once per snapshot).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+SERVING = re.compile(r"serving on http://[^:]+:(\d+) \(admin http://[^:]+:(\d+)\)")
+
+# Latency histogram: geometric buckets of 1 % from 10 us up to ~110 s.  Bucket k holds
+# values in [EDGES[k-1], EDGES[k]); bucket 0 everything below 10 us (clock noise included).
+LAT_BASE = 10e-6
+LAT_RATIO = 1.01
+EDGES = [LAT_BASE * LAT_RATIO**k for k in range(1620)]
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(time.strftime("%H:%M:%S ") + msg + "\n")
+    sys.stderr.flush()
+
+
+# -- /proc -----------------------------------------------------------------------------
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid``; NaN if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return math.nan
+    fields = raw[raw.rfind(b")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss(pid: int) -> int:
+    """VmRSS of ``pid`` in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def core_times() -> dict[str, tuple[int, int]]:
+    """{"cpu0": (busy, total), ...} in clock ticks, from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                parts = line.split()
+                vals = [int(x) for x in parts[1:]]
+                idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+                out[parts[0]] = (sum(vals[:8]) - idle, sum(vals[:8]))
+    return out
+
+
+class CpuSampler:
+    """CPU use of named processes and of each core between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.t0 = 0.0
+        self.c0: dict[str, float] = {}
+        self.k0: dict[str, tuple[int, int]] = {}
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        self.c0 = {n: proc_cpu(p) for n, p in self.pids.items()}
+        self.k0 = core_times()
+
+    def stop(self) -> dict[str, object]:
+        dt = time.monotonic() - self.t0
+        procs = {n: round((proc_cpu(p) - self.c0[n]) / dt * 100, 1) for n, p in self.pids.items()}
+        k1 = core_times()
+        cores = {}
+        for c, (b1, t1) in k1.items():
+            b0, t0 = self.k0.get(c, (0, 0))
+            cores[c] = round((b1 - b0) / max(1, t1 - t0) * 100, 1)
+        return {"window_s": round(dt, 2), "proc_pct": procs, "core_busy_pct": cores}
+
+
+# -- latency ---------------------------------------------------------------------------
+
+
+def hist_from_sorted(vals: list[float]) -> dict[int, int]:
+    """Sparse bucket counts of sorted ``vals`` (one bisect per bucket edge, not per value)."""
+    out: dict[int, int] = {}
+    n = len(vals)
+    lo = 0
+    for k, edge in enumerate(EDGES):
+        if lo >= n:
+            return out
+        hi = bisect.bisect_left(vals, edge, lo)
+        if hi > lo:
+            out[k] = hi - lo
+            lo = hi
+    if lo < n:
+        out[len(EDGES)] = n - lo
+    return out
+
+
+def exact_summary(vals: list[float]) -> dict[str, object]:
+    """p50/p90/p99/p99.9/max in ms of sorted ``vals``."""
+    n = len(vals)
+    if not n:
+        return {"n": 0}
+
+    def q(p: float) -> float:
+        return round(vals[min(n - 1, int(p * n))] * 1000, 2)
+
+    return {"n": n, "p50_ms": q(0.50), "p90_ms": q(0.90), "p99_ms": q(0.99), "p999_ms": q(0.999),
+            "max_ms": round(vals[-1] * 1000, 2), "mean_ms": round(sum(vals) / n * 1000, 2)}
+
+
+def merge_summaries(parts: list[dict[str, object]]) -> dict[str, object]:
+    """Combine the latency reports of several client processes.
+
+    One process: its exact figures.  Several: percentiles from the merged 1 % histogram
+    (upper bucket edge), max and mean exact."""
+    parts = [p for p in parts if p and p.get("n")]
+    if not parts:
+        return {"n": 0}
+    if len(parts) == 1:
+        return {k: v for k, v in parts[0].items() if k != "hist"}
+    hist: dict[int, int] = {}
+    for p in parts:
+        for k, c in p["hist"].items():  # type: ignore[union-attr]
+            hist[int(k)] = hist.get(int(k), 0) + c
+    n = sum(hist.values())
+    keys = sorted(hist)
+
+    def q(p: float) -> float:
+        target = p * n
+        cum = 0
+        for k in keys:
+            cum += hist[k]
+            if cum > target:
+                return round(EDGES[min(k, len(EDGES) - 1)] * 1000, 2)
+        return round(EDGES[-1] * 1000, 2)
+
+    return {"n": n, "p50_ms": q(0.50), "p90_ms": q(0.90), "p99_ms": q(0.99), "p999_ms": q(0.999),
+            "max_ms": max(p["max_ms"] for p in parts),  # type: ignore[type-var]
+            "mean_ms": round(sum(p["mean_ms"] * p["n"] for p in parts) / n, 2),  # type: ignore[operator]
+            "merged_from": len(parts)}
+
+
+# -- the server ------------------------------------------------------------------------
+
+
+class Server:
+    """``python -m ssegw serve`` pinned to a core, its ports read from its log line."""
+
+    def __init__(self, core: str = "0", extra: list[str] | None = None, log_path: Path | None = None) -> None:
+        self.cmd = ["taskset", "-c", core, PYTHON, "-m", "ssegw", "serve", "--port", "0", "--admin-port", "0",
+                    "--heartbeat-interval", "15s", "--flush-interval", "15ms", "--max-connections", "200000",
+                    "--history-size", "1000", *(extra or [])]
+        self.log_path = log_path
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = self.admin_port = 0
+        self.lines: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 20.0) -> Server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SSEGW_")}
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            m = SERVING.search(line)
+            if m:
+                self.port, self.admin_port = int(m.group(1)), int(m.group(2))
+                self._reader = threading.Thread(target=self._drain, daemon=True)
+                self._reader.start()
+                log(f"server pid {self.pid} on :{self.port} admin :{self.admin_port}")
+                return self
+        self.stop()
+        raise RuntimeError("server did not start:\n" + "".join(self.lines))
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def stats(self) -> dict[str, object]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/admin/stats", timeout=30) as r:
+            return json.loads(r.read())["workers"][0]  # type: ignore[no-any-return]
+
+    def rss(self) -> int:
+        return proc_rss(self.pid)
+
+    def problems(self) -> list[str]:
+        """Log lines at WARNING or above (after the start line)."""
+        return [ln.rstrip() for ln in self.lines if " WARNING " in ln or " ERROR " in ln or " CRITICAL " in ln
+                or "Traceback" in ln]
+
+    def stop(self) -> int | None:
+        """SIGTERM (drain), then SIGKILL after 20 s; only our own process, by PID."""
+        p = self.proc
+        if p is None:
+            return None
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_path.write_text("".join(self.lines))
+        return p.returncode
+
+
+def stats_delta(before: dict[str, object], after: dict[str, object]) -> dict[str, object]:
+    keys = ("events_published", "events_delivered", "flushes", "writes", "bytes_written", "held",
+            "publish_requests", "heartbeats", "protocol_errors", "head_timeouts")
+    out: dict[str, object] = {k: after.get(k, 0) - before.get(k, 0) for k in keys}  # type: ignore[operator]
+    out["streams_open"] = after.get("streams_open")
+    out["slow_closed"] = after.get("slow_closed")
+    out["responses"] = after.get("responses")
+    return out
+
+
+def emit(kind: str, result: dict[str, object]) -> None:
+    """Print the result as one JSON line and append it to bench/results/<kind>.jsonl."""
+    result = {"bench": kind, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), **result}
+    line = json.dumps(result, separators=(",", ":"))
+    RESULTS.mkdir(exist_ok=True)
+    with open(RESULTS / f"{kind}.jsonl", "a") as f:
+        f.write(line + "\n")
+    print(line, flush=True)
