@@ -8,6 +8,8 @@ Started by ``bench/run.py`` (pinned with taskset).  It opens ``--conns`` streams
 - ``snap [lat] [counts]``  events received since the mark (sum, min and max per connection),
                            open/lost connections; ``lat`` adds the latency summary of the
                            sampled connections, ``counts`` the per-connection counts;
+- ``sample K``             parse latency on K connections (spread evenly) from now on; only
+                           exact when no events are in flight (between windows);
 - ``quit``                 close every stream and exit.
 
 It exits by itself after ``--max-life`` seconds whatever happens (bounded load).
@@ -53,7 +55,7 @@ class App:
 class Sub(asyncio.Protocol):
     """One stream that counts events."""
 
-    __slots__ = ("app", "tr", "n", "tail", "state", "req", "head", "ready", "base")
+    __slots__ = ("app", "tr", "n", "tail", "state", "req", "head", "ready", "base", "rest")
 
     def __init__(self, app: App, req: bytes, ready: asyncio.Future[bool]) -> None:
         self.app = app
@@ -64,6 +66,7 @@ class Sub(asyncio.Protocol):
         self.base = 0
         self.tail = b""
         self.head = b""
+        self.rest = b""
         self.state = HEAD
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -112,11 +115,7 @@ class Sub(asyncio.Protocol):
 class SampledSub(Sub):
     """A stream that also parses the publish time of every event it receives."""
 
-    __slots__ = ("rest",)
-
-    def __init__(self, app: App, req: bytes, ready: asyncio.Future[bool]) -> None:
-        super().__init__(app, req, ready)
-        self.rest = b""
+    __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
         if self.state != STREAM:
@@ -155,7 +154,7 @@ async def open_one(loop: asyncio.AbstractEventLoop, app: App, host: str, port: i
         _, proto = await loop.create_connection(lambda: cls(app, req, ready), sock=sock)
         try:
             ok = await asyncio.wait_for(ready, 30)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             ok = False
         return proto if ok else None  # type: ignore[return-value]
 
@@ -212,8 +211,11 @@ async def main(args: argparse.Namespace) -> None:
                 summ["hist"] = hist_from_sorted(vals)
                 snap["lat"] = summ
             if "counts" in cmd:
-                snap["counts"] = dict(zip(topics, deltas))
+                snap["counts"] = dict(zip(topics, deltas, strict=True))
             out(snap)
+        elif cmd[0] == "sample":
+            set_sample(conns, int(cmd[1]))
+            out({"type": "sample", "sampled": sum(1 for c in conns if isinstance(c, SampledSub))})
         elif cmd[0] == "quit":
             break
     app.quitting = True
@@ -222,6 +224,17 @@ async def main(args: argparse.Namespace) -> None:
             c.tr.abort()
     await asyncio.sleep(0.2)
     out({"type": "bye"})
+
+
+def set_sample(conns: list[Sub], k: int) -> None:
+    """Switch the class of each connection (same layout) so that ``k`` of them parse."""
+    step = max(1, len(conns) // k) if k else 0
+    for i, c in enumerate(conns):
+        want = SampledSub if step and i % step == 0 and i // step < k else Sub
+        if type(c) is not want:
+            c.tail = b""
+            c.rest = b""
+            c.__class__ = want
 
 
 def out(obj: dict[str, object]) -> None:

@@ -5,6 +5,7 @@ Nothing here is on a hot path except :func:`hist_from_sorted` (run once per snap
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import json
 import math
@@ -96,7 +97,26 @@ class CpuSampler:
         for c, (b1, t1) in k1.items():
             b0, t0 = self.k0.get(c, (0, 0))
             cores[c] = round((b1 - b0) / max(1, t1 - t0) * 100, 1)
-        return {"window_s": round(dt, 2), "proc_pct": procs, "core_busy_pct": cores}
+        ours = sum(v for v in procs.values() if v == v)
+        # CPU used by processes that are not ours (other work on the machine) during the window.
+        foreign = round(max(0.0, sum(cores.values()) - ours), 1)
+        return {"window_s": round(dt, 2), "proc_pct": procs, "core_busy_pct": cores, "foreign_pct": foreign}
+
+
+async def wait_quiet(max_wait: float, busy_below: float = 20.0, sample: float = 2.0) -> dict[str, object]:
+    """Wait (at most ``max_wait`` s) until every core is less than ``busy_below`` % busy over
+    ``sample`` s, so that a run does not start on top of someone else's CPU load."""
+    t0 = time.monotonic()
+    while True:
+        k0 = core_times()
+        await asyncio.sleep(sample)
+        k1 = core_times()
+        busy = {c: round((k1[c][0] - k0[c][0]) / max(1, k1[c][1] - k0[c][1]) * 100, 1) for c in k1}
+        waited = time.monotonic() - t0
+        if max(busy.values()) < busy_below or waited >= max_wait:
+            if max(busy.values()) >= busy_below:
+                log(f"machine still busy after {waited:.0f} s: {busy}; starting anyway")
+            return {"waited_s": round(waited, 1), "core_busy_pct_before": busy}
 
 
 # -- latency ---------------------------------------------------------------------------

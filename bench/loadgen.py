@@ -8,9 +8,9 @@ client just good enough for ``POST /publish`` and the admin GETs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
-import random
 import re
 import time
 from collections.abc import Callable
@@ -224,7 +224,7 @@ class Clients:
         for p in self.procs:
             try:
                 await asyncio.wait_for(p.wait(), 30)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 p.kill()  # our own child, by PID
                 await p.wait()
 
@@ -244,21 +244,6 @@ def ticker_body(topic: bytes) -> Callable[[int, int], tuple[bytes, None]]:
         t = time.time()
         px = 10000 + first % 5000
         parts = [_MSG % (topic, t, px // 100, px % 100, 100 + i, first + i) for i in range(k)]
-        return b"[" + b",".join(parts) + b"]", None
-
-    return make
-
-
-def directed_body(ntopics: int, fmt: str, counts: list[int], rng: random.Random) -> Callable[[int, int], tuple[bytes, None]]:
-    """Batch maker for directed traffic: each message to a random topic; ``counts`` tallies."""
-    names = [fmt.format(i=i).encode() for i in range(ntopics)]
-
-    def make(k: int, first: int) -> tuple[bytes, None]:
-        idx = [rng.randrange(ntopics) for _ in range(k)]
-        t = time.time()
-        parts = []
-        for j, i in enumerate(idx):
-            parts.append(_MSG % (names[i], t, 100, 0, 100, first + j))
         return b"[" + b",".join(parts) + b"]", None
 
     return make
@@ -340,7 +325,7 @@ class Publisher:
                         b"Content-Length: %d\r\n\r\n" % len(body))
                 fut = c.request(head, body)
                 pending.add(fut)
-                fut.add_done_callback(lambda f, c=c, k=k, t0=loop.time(): done(c, k, t0, f))
+                fut.add_done_callback(functools.partial(done, c, k, loop.time()))
                 sent += k
                 due -= k
                 requests += 1

@@ -1,14 +1,23 @@
-"""Tests for ssegw.core.history: bounded per-topic rings, coverage, and the store's sweep.
+"""Tests for ssegw.core.history (bounded per-topic rings, coverage, the store's sweep) and for
+ssegw.broker.memory, the reference broker built on it (ids, replay, resume, reset).
 
 All times are integer milliseconds passed in; nothing sleeps.
 """
 
 from __future__ import annotations
 
-from hypothesis import given
-from hypothesis import strategies as st
+import asyncio
 
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sse_parser import parse
+
+from ssegw.broker.memory import MemoryBroker
 from ssegw.core.history import Event, HistoryStore, TopicHistory
+from ssegw.core.ids import format_id, parse_id
+from ssegw.core.publish import parse_message
 
 
 def ev(seq: int, topic: str = "t", ts: int = 0, key: str | None = None) -> Event:
@@ -236,3 +245,203 @@ def test_sweep_budget_bounds_the_work() -> None:
     assert store.sweep(5000, budget=100) == 7
     assert store.topics == {}
     assert store.forgotten_upto == 10
+
+
+# -- the memory broker: ids, history and resume on top of the store ---------------------
+# (ssegw/broker/memory.py is the reference broker; these drive its sync publish_now /
+# replay_now and, once, the async API through asyncio.run.)
+
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.ms = 1_000_000
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+def msg(topic: str, data: object = "x", key: str | None = None):
+    obj = {"topic": topic, "data": data}
+    if key is not None:
+        obj["key"] = key
+    return parse_message(obj, orjson.dumps)
+
+
+def make_broker(size: int = 100, ttl_ms: int = 0) -> tuple[MemoryBroker, Clock, list[list[Event]]]:
+    clock = Clock()
+    b = MemoryBroker(lambda topic: (size, ttl_ms), clock)
+    delivered: list[list[Event]] = []
+    asyncio.run(b.start(delivered.append))
+    return b, clock, delivered
+
+
+def after(b: MemoryBroker, seq: int) -> tuple[str, tuple[int, ...]]:
+    return parse_id(format_id(b.epoch, seq))
+
+
+def test_ids_increase_and_are_delivered_in_order() -> None:
+    b, _, delivered = make_broker()
+    ids = b.publish_now([msg("a"), msg("b"), msg("a")]) + b.publish_now([msg("c")])
+    parsed = [parse_id(i) for i in ids]
+    assert [p[0] for p in parsed] == [b.epoch] * 4
+    assert [p[1] for p in parsed] == [(1,), (2,), (3,), (4,)]
+    assert len(set(ids)) == 4
+    assert [[e.seq for e in batch] for batch in delivered] == [[1, 2, 3], [4]]
+    assert b.published == 4 and b.seq == 4
+    # Each event's frame carries its own id, once, and parses back to the message.
+    for batch in delivered:
+        for e in batch:
+            p = parse(e.frame.decode())
+            assert [x.id for x in p.events] == [format_id(b.epoch, e.seq)]
+
+
+def test_epochs_differ_between_brokers() -> None:
+    assert make_broker()[0].epoch != make_broker()[0].epoch
+
+
+def test_async_api_matches_sync() -> None:
+    b, _, _ = make_broker()
+
+    async def go() -> tuple[list[str], object]:
+        ids = await b.publish([msg("a", "1"), msg("b", "2")])
+        return ids, await b.replay(("a", "b"), None, "earliest")
+
+    ids, replay = asyncio.run(go())
+    assert [parse_id(i)[1] for i in ids] == [(1,), (2,)]
+    assert [e.seq for e in replay.events] == [1, 2] and replay.reset == []
+    assert b.ready()
+
+
+def test_replay_after_id_merges_topics_in_seq_order_exactly_once() -> None:
+    b, _, _ = make_broker()
+    b.publish_now([msg("a"), msg("b"), msg("c"), msg("a"), msg("b"), msg("a")])
+    r = b.replay_now(("a", "b"), after(b, 2), None)
+    assert [(e.topic, e.seq) for e in r.events] == [("a", 4), ("b", 5), ("a", 6)]
+    assert r.reset == []
+    # The id of an event of another topic places the resume point just as well.
+    r = b.replay_now(("a",), after(b, 3), None)
+    assert [e.seq for e in r.events] == [4, 6]
+    r = b.replay_now(("a", "b"), after(b, 6), None)
+    assert r.events == [] and r.reset == []
+
+
+def test_since_last_and_earliest() -> None:
+    b, _, _ = make_broker()
+    b.publish_now([msg("a", "1"), msg("b", "2"), msg("a", "3"), msg("c", "4")])
+    r = b.replay_now(("a", "b", "none"), None, "last")
+    assert [(e.topic, e.seq) for e in r.events] == [("b", 2), ("a", 3)]
+    r = b.replay_now(("a", "b", "none"), None, "earliest")
+    assert [(e.topic, e.seq) for e in r.events] == [("a", 1), ("b", 2), ("a", 3)]
+    r = b.replay_now(("a",), None, None)
+    assert r.events == [] and r.reset == []
+
+
+def test_last_event_id_wins_over_since() -> None:
+    b, _, _ = make_broker()
+    b.publish_now([msg("a"), msg("a"), msg("a")])
+    r = b.replay_now(("a",), after(b, 2), "earliest")
+    assert [e.seq for e in r.events] == [3]
+
+
+def test_reset_only_for_topics_history_no_longer_covers() -> None:
+    b, _, _ = make_broker(size=2)
+    b.publish_now([msg("a"), msg("a"), msg("a"), msg("a"), msg("b")])  # a: 1..4 (keeps 3,4), b: 5
+    r = b.replay_now(("a", "b"), after(b, 1), None)
+    assert r.reset == ["a"]
+    assert [(e.topic, e.seq) for e in r.events] == [("b", 5)]
+    r = b.replay_now(("a", "b"), after(b, 2), None)
+    assert r.reset == []
+    assert [e.seq for e in r.events] == [3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["other_epoch", "future_seq", "two_shards", "zero_shards_epoch_only"],
+)
+def test_ids_that_cannot_be_placed_reset_every_topic(case: str) -> None:
+    b, _, _ = make_broker()
+    b.publish_now([msg("a"), msg("b")])
+    other = "zz" if b.epoch != "zz" else "yy"
+    parsed = {
+        "other_epoch": (other, (1,)),
+        "future_seq": (b.epoch, (3,)),
+        "two_shards": (b.epoch, (1, 1)),
+        "zero_shards_epoch_only": (b.epoch, ()),
+    }[case]
+    r = b.replay_now(("a", "b", "c"), parsed, None)
+    assert r.events == []
+    assert sorted(r.reset) == ["a", "b", "c"]
+
+
+def test_resume_at_head_is_covered_and_empty() -> None:
+    b, _, _ = make_broker()
+    b.publish_now([msg("a"), msg("b")])
+    r = b.replay_now(("a", "b"), after(b, 2), None)
+    assert r.events == [] and r.reset == []
+
+
+def test_tick_sweeps_aged_topics_and_keeps_coverage_conservative() -> None:
+    b, clock, _ = make_broker(size=100, ttl_ms=1000)
+    b.publish_now([msg("a"), msg("a")])
+    clock.ms += 5000
+    b.tick(0)
+    assert b.stats()["topics_with_history"] == 0
+    r = b.replay_now(("a", "never"), after(b, 1), None)
+    assert sorted(r.reset) == ["a", "never"] and r.events == []
+    r = b.replay_now(("a",), after(b, 2), None)
+    assert r.reset == [] and r.events == []
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: replay_now checks coverage before get() trims by TTL -> silent gap")
+def test_events_aged_out_since_the_last_sweep_are_a_reset_not_a_silent_gap() -> None:
+    b, clock, _ = make_broker(size=100, ttl_ms=1000)
+    b.publish_now([msg("a", "seen")])
+    b.publish_now([msg("a", "missed")])
+    clock.ms += 5000  # both events are past the TTL; no tick (sweep) has run yet
+    r = b.replay_now(("a",), after(b, 1), None)
+    # Either event 2 is still replayed, or "a" is reset.  Never neither.
+    assert [e.seq for e in r.events] == [2] or r.reset == ["a"]
+
+
+@settings(deadline=None, max_examples=150)
+@given(
+    size=st.integers(1, 4),
+    batches=st.lists(st.lists(st.sampled_from("abcd"), min_size=1, max_size=3), min_size=0, max_size=10),
+    subset=st.lists(st.sampled_from("abcdz"), min_size=1, max_size=5, unique=True),
+)
+def test_every_resume_point_replays_exactly_what_followed(
+    size: int, batches: list[list[str]], subset: list[str]
+) -> None:
+    b, _, _ = make_broker(size=size)
+    published: list[tuple[int, str]] = []
+    for batch in batches:
+        ids = b.publish_now([msg(t) for t in batch])
+        published += [(parse_id(i)[1][0], t) for i, t in zip(ids, batch, strict=True)]
+    topics = tuple(subset)
+    for s in range(0, b.seq + 1):
+        r = b.replay_now(topics, after(b, s), None)
+        got = [(e.seq, e.topic) for e in r.events]
+        assert [x[0] for x in got] == sorted({x[0] for x in got}), "ascending seq, no duplicates"
+        assert set(r.reset) <= set(topics) and len(r.reset) == len(set(r.reset))
+        for t in topics:
+            want = [(q, tt) for q, tt in published if tt == t and q > s]
+            mine = [x for x in got if x[1] == t]
+            if t in r.reset:
+                assert mine == [], "nothing replayed for a reset topic"
+                # History keeps at least `size` events: a gap that small must be covered.
+                assert len(want) > size
+            else:
+                assert mine == want
+    # since=last / earliest agree with the same history.
+    last = b.replay_now(topics, None, "last")
+    for t in topics:
+        mine = [e.seq for e in last.events if e.topic == t]
+        all_t = [q for q, tt in published if tt == t]
+        assert mine == all_t[-1:]
+    earliest = b.replay_now(topics, None, "earliest")
+    assert [e.seq for e in earliest.events] == sorted(e.seq for e in earliest.events)
+    for t in topics:
+        all_t = [q for q, tt in published if tt == t]
+        mine = [e.seq for e in earliest.events if e.topic == t]
+        assert mine == all_t[len(all_t) - len(mine):] and len(mine) >= min(size, len(all_t))

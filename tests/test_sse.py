@@ -242,7 +242,7 @@ def dechunk(stream: bytes) -> tuple[bytes, bool]:
 @given(payloads=st.lists(st.binary(max_size=300), max_size=8))
 def test_chunks_round_trip_and_never_end_the_body(payloads: list[bytes]) -> None:
     framed = [chunk(p) for p in payloads]
-    for p, f in zip(payloads, framed):
+    for p, f in zip(payloads, framed, strict=True):
         if not p:
             assert f == b""  # a zero-length chunk would end the chunked body
         else:

@@ -163,7 +163,7 @@ def reference_match(pattern: str, topic: str, sub: str | None) -> bool:
         want = head
     if len(want) != len(got):
         return False
-    for w, g in zip(want, got):
+    for w, g in zip(want, got, strict=True):
         if w == "*":
             continue
         if "{sub}" in w:

@@ -30,7 +30,7 @@ def stored(wheel: TimerWheel) -> int:
 
 def walk(wheel: TimerWheel, until_ms: int, step_ms: int) -> list[tuple[int, Timer]]:
     """Advance in ``step_ms`` steps; return (now_ms, timer) for every timer fired."""
-    fired = []
+    fired: list[tuple[int, Timer]] = []
     now = wheel.now_ms
     while now < until_ms:
         now = min(now + step_ms, until_ms)
@@ -101,27 +101,31 @@ def test_cascade_level2_to_1_to_0() -> None:
     assert wheel.advance(41) == [timer]
 
 
-def test_cascade_through_four_levels() -> None:
+def level_history(wheel: TimerWheel, timer: Timer) -> list[tuple[int, int | None]]:
+    """Walk one tick at a time until ``timer`` fires; (tick, level) at each level change."""
+    history = [(wheel.now_ms, level_of(wheel, timer))]
+    while not wheel.advance(wheel.now_ms + 1):
+        level = level_of(wheel, timer)
+        if level != history[-1][1]:
+            history.append((wheel.now_ms, level))
+    history.append((wheel.now_ms, None))
+    return history
+
+
+@pytest.mark.parametrize(
+    ("deadline", "expected"),
+    [
+        # 230 - 192 = 38 -> level 2; at 224: 6 -> level 1; at 228: 2 -> level 0.
+        (230, [(0, 3), (192, 2), (224, 1), (228, 0), (230, None)]),
+        # 201 - 192 = 9 skips level 2; at 200: 1 -> level 0.
+        (201, [(0, 3), (192, 1), (200, 0), (201, None)]),
+        # 256 is a multiple of 64, 16 and 4: it drops from level 3 straight to firing.
+        (256, [(0, 3), (256, None)]),
+    ],
+)
+def test_cascade_through_four_levels(deadline: int, expected: list[tuple[int, int | None]]) -> None:
     wheel = TimerWheel(tick_ms=1, now_ms=0, bits=2, levels=4)
-    timer = wheel.schedule(201, 0, "x")  # delta 201 >= 64: level 3
-    seen = []
-    for now in range(1, 202):
-        fired = wheel.advance(now)
-        assert fired == ([timer] if now == 201 else [])
-        if now < 201:
-            seen.append(level_of(wheel, timer))
-    # Stays on 3 until 192, on 2 until 200 (201 - 192 = 9 -> level 1), then 0.
-    assert seen[190] == 3 and seen[191] == 1 and seen[199] == 0
-    assert sorted(set(seen)) == [0, 1, 3]
-    wheel2 = TimerWheel(tick_ms=1, now_ms=0, bits=2, levels=4)
-    timer2 = wheel2.schedule(230, 0, "y")
-    levels = [level_of(wheel2, timer2)]
-    for now in range(1, 231):
-        if wheel2.advance(now):
-            break
-        levels.append(level_of(wheel2, timer2))
-    assert [lv for i, lv in enumerate(levels) if i == 0 or levels[i - 1] != lv] == [3, 2, 1, 0]
-    assert now == 230
+    assert level_history(wheel, wheel.schedule(deadline, 0, "x")) == expected
 
 
 def test_clamp_beyond_horizon_walking() -> None:
@@ -243,8 +247,13 @@ def test_big_jump_then_walk_stays_exact() -> None:
     timers = [wheel.schedule(hour + d, 0, d) for d in (1, 40, 41, 650, 5000)]
     assert [t.target for t in wheel.advance(hour)] == ["early"]  # jump, then walk below
     fired = walk(wheel, hour + 6000, step_ms=10)
-    assert fired == [(hour + 10, timers[0]), (hour + 40, timers[1]), (hour + 50, timers[2]),
-                     (hour + 650, timers[3]), (hour + 5000, timers[4])]
+    assert fired == [
+        (hour + 10, timers[0]),
+        (hour + 40, timers[1]),
+        (hour + 50, timers[2]),
+        (hour + 650, timers[3]),
+        (hour + 5000, timers[4]),
+    ]
 
 
 def test_advance_backwards_is_noop() -> None:
@@ -315,9 +324,7 @@ def test_fifo_beyond_horizon_when_walking() -> None:
     assert fired == [(468, first), (468, second)]
 
 
-@pytest.mark.parametrize(
-    ("last", "jump_to"), [(300, 499), (420, 499), (300, 10_000), (420, 10_000), (495, 10_000)]
-)
+@pytest.mark.parametrize(("last", "jump_to"), [(300, 499), (420, 499), (300, 10_000), (420, 10_000), (495, 10_000)])
 def test_fifo_within_tick_survives_jump(last: int, jump_to: int) -> None:
     # Timers for tick 500 spread over every level and several top-level (clamped)
     # buckets, then a jump (> 64 ticks) that either expires them or re-places them.
@@ -400,9 +407,7 @@ ops = st.lists(
     bits=st.integers(1, 3),
     levels=st.integers(2, 4),
 )
-def test_property_against_model(
-    ops: list[tuple[str, int]], tick_ms: int, start: int, bits: int, levels: int
-) -> None:
+def test_property_against_model(ops: list[tuple[str, int]], tick_ms: int, start: int, bits: int, levels: int) -> None:
     wheel = TimerWheel(tick_ms=tick_ms, now_ms=start, bits=bits, levels=levels)
     recs: list[Rec] = []
     now = start

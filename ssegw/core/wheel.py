@@ -79,9 +79,7 @@ class TimerWheel:
         self._max_walk = min(self._horizon, _MAX_WALK_TICKS)
         self._now_ms = now_ms
         self._cur = now_ms // tick_ms  # current tick; its level-0 bucket is done
-        self._wheel: list[list[list[Timer]]] = [
-            [[] for _ in range(1 << bits)] for _ in range(levels)
-        ]
+        self._wheel: list[list[list[Timer]]] = [[[] for _ in range(1 << bits)] for _ in range(levels)]
         # Timers whose deadline had already passed when scheduled: the wheel only holds
         # ticks > current, and these must come out of the very next advance().
         self._due: list[Timer] = []
@@ -189,8 +187,8 @@ class TimerWheel:
         while cur < target:
             cur += 1
             self._cur = cur
-            # Cascade bottom-up, like the kernel: a level-l bucket must land in level l-1
-            # after level l-1's own bucket for this range has been emptied.
+            # Cascade bottom-up, like the kernel: with _cascade prepending, the groups
+            # from higher (earlier-scheduled) levels end up in front, keeping FIFO.
             level = 1
             while level < self._levels and not cur & ((1 << (bits * level)) - 1):
                 self._cascade(level)
@@ -222,21 +220,17 @@ class TimerWheel:
         # timers and each tick has a single bucket per level), expire the due ones with
         # a stable sort, and re-place the rest against the new tick in that same order.
         alive = [
-            timer
-            for row in reversed(self._wheel)
-            for bucket in row
-            for timer in bucket
-            if timer.target is not None
+            timer for row in reversed(self._wheel) for bucket in row for timer in bucket if timer.target is not None
         ]
         self._wheel = [[[] for _ in range(self._mask + 1)] for _ in range(self._levels)]
         self._cur = target
         due = [t for t in alive if t.tick <= target]
+        later = [t for t in alive if t.tick > target]
         due.sort(key=_tick_of)
         self._expire(due, out)
-        for timer in alive:
-            if timer.tick > target:
-                level, idx = self._slot(timer.tick)
-                self._wheel[level][idx].append(timer)
+        for timer in later:
+            level, idx = self._slot(timer.tick)
+            self._wheel[level][idx].append(timer)
 
 
 def _tick_of(timer: Timer) -> int:

@@ -361,6 +361,8 @@ class Worker:
         loop.call_at(loop.time() + TICK_MS / 1000, self._tick)
         now = self.now_ms()
         for t in self.wheel.advance(now):
+            if not t.active:  # cancelled by an earlier callback of this same batch
+                continue
             try:
                 self._fire(t, now)
             except Exception:  # a bug of ours must not stop the tick for every connection
