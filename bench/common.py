@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import hashlib
 import json
 import math
 import os
@@ -42,15 +43,21 @@ def log(msg: str) -> None:
 # -- /proc -----------------------------------------------------------------------------
 
 
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by ``pid``; NaN if it is gone."""
+def proc_cpu2(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds used so far by ``pid``; NaNs if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
     except OSError:
-        return math.nan
+        return math.nan, math.nan
     fields = raw[raw.rfind(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid``; NaN if it is gone."""
+    u, s = proc_cpu2(pid)
+    return u + s
 
 
 def proc_rss(pid: int) -> int:
@@ -81,17 +88,22 @@ class CpuSampler:
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self.t0 = 0.0
-        self.c0: dict[str, float] = {}
+        self.c0: dict[str, tuple[float, float]] = {}
         self.k0: dict[str, tuple[int, int]] = {}
 
     def start(self) -> None:
         self.t0 = time.monotonic()
-        self.c0 = {n: proc_cpu(p) for n, p in self.pids.items()}
+        self.c0 = {n: proc_cpu2(p) for n, p in self.pids.items()}
         self.k0 = core_times()
 
     def stop(self) -> dict[str, object]:
         dt = time.monotonic() - self.t0
-        procs = {n: round((proc_cpu(p) - self.c0[n]) / dt * 100, 1) for n, p in self.pids.items()}
+        procs = {}
+        sys_pct = {}
+        for n, p in self.pids.items():
+            u, s = proc_cpu2(p)
+            procs[n] = round((u + s - sum(self.c0[n])) / dt * 100, 1)
+            sys_pct[n] = round((s - self.c0[n][1]) / dt * 100, 1)
         k1 = core_times()
         cores = {}
         for c, (b1, t1) in k1.items():
@@ -100,7 +112,8 @@ class CpuSampler:
         ours = sum(v for v in procs.values() if v == v)
         # CPU used by processes that are not ours (other work on the machine) during the window.
         foreign = round(max(0.0, sum(cores.values()) - ours), 1)
-        return {"window_s": round(dt, 2), "proc_pct": procs, "core_busy_pct": cores, "foreign_pct": foreign}
+        return {"window_s": round(dt, 2), "proc_pct": procs, "proc_sys_pct": sys_pct, "core_busy_pct": cores,
+                "foreign_pct": foreign}
 
 
 async def wait_quiet(max_wait: float, busy_below: float = 20.0, sample: float = 2.0) -> dict[str, object]:
@@ -271,9 +284,25 @@ def stats_delta(before: dict[str, object], after: dict[str, object]) -> dict[str
     return out
 
 
+def code_version() -> dict[str, object]:
+    """Which server code was measured: HEAD plus a hash of the ssegw/ sources as they are on
+    disk (the tree may carry uncommitted changes)."""
+    h = hashlib.sha256()
+    for f in sorted((ROOT / "ssegw").rglob("*.py")):
+        h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes())
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--", "ssegw"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        head, dirty = "", ""
+    return {"head": head, "ssegw_dirty": bool(dirty), "ssegw_sha256": h.hexdigest()[:12]}
+
+
 def emit(kind: str, result: dict[str, object]) -> None:
     """Print the result as one JSON line and append it to bench/results/<kind>.jsonl."""
-    result = {"bench": kind, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), **result}
+    result = {"bench": kind, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": code_version(), **result}
     line = json.dumps(result, separators=(",", ":"))
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / f"{kind}.jsonl", "a") as f:

@@ -80,11 +80,18 @@ class Admin:
         self.lock = asyncio.Lock()
 
     async def get(self, path: str, timeout: float = 30) -> tuple[int, bytes]:
+        head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
         async with self.lock:
-            if self.conn is None or self.conn.closed:
-                self.conn = await http_conn(self.port)
-            head = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
-            return await asyncio.wait_for(self.conn.request(head), timeout)
+            for attempt in (1, 2):  # the server closes keep-alive connections idle for 75 s
+                if self.conn is None or self.conn.closed:
+                    self.conn = await http_conn(self.port)
+                try:
+                    return await asyncio.wait_for(self.conn.request(head), timeout)
+                except ConnectionError:
+                    self.conn = None
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
 
     async def stats(self) -> dict[str, object]:
         _, body = await self.get("/admin/stats")
@@ -272,7 +279,15 @@ class Publisher:
             if c.tr is not None:
                 c.tr.close()
 
+    async def fresh(self) -> None:
+        """Replace connections the server closed (it closes keep-alive connections idle for
+        75 s, e.g. while we waited for a quiet machine)."""
+        self.conns = [c for c in self.conns if not c.closed]
+        while len(self.conns) < self.nconns:
+            self.conns.append(await http_conn(self.port))
+
     async def post(self, body: bytes) -> tuple[int, bytes]:
+        await self.fresh()
         c = next((c for c in self.conns if c.fut is None and not c.closed), None)
         if c is None:
             c = await http_conn(self.port)
@@ -283,7 +298,8 @@ class Publisher:
 
     async def run(self, rate: float, duration: float, make: Callable[[int, int], tuple[bytes, None]]) -> dict[str, object]:
         loop = asyncio.get_running_loop()
-        idle = [c for c in self.conns if not c.closed]
+        await self.fresh()
+        idle = list(self.conns)
         sent = ok = failed = requests = 0
         statuses: dict[int, int] = {}
         rtts: list[float] = []

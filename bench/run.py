@@ -164,6 +164,7 @@ async def window(srv: Server, admin: Admin, clients: Clients, pub: Publisher, ra
         "lost_events": max(0, expected - received), "extra_events": max(0, received - expected),
         "per_conn_min": final["min"], "per_conn_max": final["max"],
         "conns_open": final["open"], "conns_lost": final["lost"],
+        "expected_per_s": round(expected / float(pr["duration_s"])),  # type: ignore[arg-type]
         "delivered_per_s": round(received / max(1e-9, t_done - t_start)),
         "delivered_per_s_in_window": round(int(snap_end["sum"]) / float(pr["duration_s"])),  # type: ignore[call-overload, arg-type]
         "backlog_at_end_events": expected - int(snap_end["sum"]),  # type: ignore[call-overload]
@@ -201,6 +202,25 @@ async def _wait_sum(clients: Clients, expected: int, timeout: float = 60, idle: 
         await asyncio.sleep(0.1)
 
 
+async def with_retries(args: argparse.Namespace, once) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """Run a measured window up to ``--attempts`` times while other processes on the machine
+    took more than ``--max-foreign`` % CPU during it; keep the least disturbed attempt."""
+    tries: list[dict[str, object]] = []
+    for i in range(args.attempts):
+        res = await once()
+        tries.append(res)
+        foreign = float(res["cpu"]["foreign_pct"])  # type: ignore[index]
+        if foreign <= args.max_foreign or int(res["conns_lost"]):  # type: ignore[call-overload]
+            break
+        if i + 1 < args.attempts:
+            log(f"other processes used {foreign}% CPU during the window: measuring again")
+    best = min(tries, key=lambda r: float(r["cpu"]["foreign_pct"]))  # type: ignore[index]
+    best["attempts"] = [{"foreign_pct": r["cpu"]["foreign_pct"], "delivered_per_s": r["delivered_per_s"],  # type: ignore[index]
+                         "lost_events": r["lost_events"], "p99_ms": r["latency"].get("p99_ms")}  # type: ignore[union-attr]
+                        for r in tries]
+    return best
+
+
 def verdict(res: dict[str, object], max_p99_ms: float) -> list[str]:
     why = []
     if res["lost_events"]:
@@ -212,6 +232,11 @@ def verdict(res: dict[str, object], max_p99_ms: float) -> list[str]:
         why.append(f"publish failures {pr['statuses']}")
     if float(pr["achieved_rate"]) < 0.95 * float(pr["target_rate"]):  # type: ignore[arg-type]
         why.append(f"publisher reached {pr['achieved_rate']} of {pr['target_rate']} msg/s")
+    if int(res["delivered_per_s_in_window"]) < 0.9 * int(res["expected_per_s"]):  # type: ignore[call-overload]
+        why.append(f"not sustained: delivered {res['delivered_per_s_in_window']}/s during the window "
+                   f"of {res['expected_per_s']}/s published")
+    if float(res["drain_s"]) > max_p99_ms / 1000:  # type: ignore[arg-type]
+        why.append(f"backlog took {res['drain_s']} s to drain after publishing stopped")
     lat: dict[str, object] = res["latency"]  # type: ignore[assignment]
     if lat.get("n") and float(lat["p99_ms"]) > max_p99_ms:  # type: ignore[arg-type]
         why.append(f"latency p99 {lat['p99_ms']} ms > {max_p99_ms} ms")
@@ -255,8 +280,9 @@ async def cmd_fanout(args: argparse.Namespace) -> None:
     srv, admin, clients, pub = await setup(args, f"fanout{args.rate}", args.subs, args.topic, args.sample)
     try:
         await warm_fanout(clients, pub, args.topic)
-        res = await window(srv, admin, clients, pub, args.rate, args.duration, ticker_body(args.topic.encode()),
-                           clients.ok, quiet_wait=args.quiet_wait)
+        res = await with_retries(args, lambda: window(srv, admin, clients, pub, args.rate, args.duration,
+                                                      ticker_body(args.topic.encode()), clients.ok,
+                                                      quiet_wait=args.quiet_wait))
     finally:
         problems = await teardown(srv, admin, clients, pub)
     res["server_log_problems"] = problems[:20]
@@ -274,26 +300,35 @@ async def cmd_maxrate(args: argparse.Namespace) -> None:
     try:
         await warm_fanout(clients, pub, args.topic)
         rate = args.start
+        refined = False
         while rate <= args.max_rate:
             # Parse latency on fewer connections as the rate grows so that the client's own
             # parsing stays within --parse-budget events/s (counting covers every connection).
             k = max(args.min_sample, min(args.sample, args.parse_budget // rate))
             await clients.cmd(f"sample {k}")
             log(f"maxrate step {rate} msg/s, latency on {k} connections")
-            res = await window(srv, admin, clients, pub, rate, args.duration, ticker_body(args.topic.encode()),
-                               clients.ok, quiet_wait=args.quiet_wait)
+            res = await with_retries(args, lambda rate=rate: window(srv, admin, clients, pub, rate, args.duration,
+                                                          ticker_body(args.topic.encode()), clients.ok,
+                                                          quiet_wait=args.quiet_wait))
             res["latency_sampled_conns"] = k
             why = verdict(res, args.max_p99_ms)
             res["verdict"] = why or "ok"
             steps.append(res)
             log(f"step {rate}: delivered {res['delivered_per_s']}/s lost {res['lost_events']} "
                 f"p99 {res['latency'].get('p99_ms')} ms cpu {res['cpu']} -> {why or 'ok'}")  # type: ignore[union-attr]
-            if why:
-                break
-            best = res
             if int(res["conns_open"]) < clients.ok:  # type: ignore[call-overload]
-                break
-            rate *= 2
+                break  # streams were lost: later steps would measure fewer subscribers
+            if why:
+                if refined or best is None or not args.refine:
+                    break
+                # One step between the last good rate and the failed one (x1.5 the good one).
+                refined = True
+                rate = int(best["rate"] * 1.5)  # type: ignore[call-overload]
+            else:
+                best = res
+                if refined:
+                    break
+                rate *= 2
             await asyncio.sleep(1.0)
     finally:
         problems = await teardown(srv, admin, clients, pub)
@@ -330,8 +365,15 @@ async def cmd_directed(args: argparse.Namespace) -> None:
         log(f"warm-up: min {snap['min']} max {snap['max']} over {snap['open']} streams")
         counts = [0] * args.topics
         rng = random.Random(args.seed)
-        res = await window(srv, admin, clients, pub, args.rate, args.duration, _tallying(args.topics, fmt, counts, rng),
-                           clients.ok, directed_counts=counts, quiet_wait=args.quiet_wait)
+
+        async def once() -> dict[str, object]:
+            for i in range(len(counts)):
+                counts[i] = 0
+            return await window(srv, admin, clients, pub, args.rate, args.duration,
+                                _tallying(args.topics, fmt, counts, rng), clients.ok, directed_counts=counts,
+                                quiet_wait=args.quiet_wait)
+
+        res = await with_retries(args, once)
     finally:
         problems = await teardown(srv, admin, clients, pub)
     res["server_log_problems"] = problems[:20]
@@ -367,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--server-arg", action="append", help="extra argument for `ssegw serve` (repeatable)")
         p.add_argument("--pub-conns", type=int, default=4, help="publisher keep-alive connections")
         p.add_argument("--max-p99-ms", type=float, default=2000.0, help="latency p99 above this fails a run")
+        p.add_argument("--attempts", type=int, default=3,
+                       help="measure a window again (up to this many times) if other processes disturbed it")
+        p.add_argument("--max-foreign", type=float, default=20.0,
+                       help="CPU %% of processes not ours during a window above which it is measured again")
         p.add_argument("--quiet-wait", type=float, default=120.0,
                        help="before a measurement, wait up to this many s for both cores to be idle (0 = don't)")
 
@@ -390,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rate", type=int, default=102_400)
     p.add_argument("--duration", type=float, default=10, help="seconds per step")
     p.add_argument("--sample", type=int, default=500, help="most connections parsing latency")
+    p.add_argument("--no-refine", dest="refine", action="store_false",
+                   help="do not try x1.5 the last good rate after the first failing step")
     p.add_argument("--min-sample", type=int, default=20, help="fewest connections parsing latency")
     p.add_argument("--parse-budget", type=int, default=200_000,
                    help="events/s the client may parse for latency (sample = budget / rate)")

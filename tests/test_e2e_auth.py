@@ -83,24 +83,6 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def used_slots(g: Gateway) -> int:
-    r = g.request("GET", "/admin/stats", admin=True)
-    if r.status == 200:
-        return int(r.json()["workers"][0]["slots_in_use"]) - 1
-    # /admin/stats answers 500 once any error response has been counted (see
-    # test_e2e_hostile.py::test_admin_stats_survives_error_responses); the gauge says the same.
-    return int(g.metrics()["ssegw_slots_in_use"]) - 1
-
-
-def wait_no_slots(g: Gateway, timeout: float = 5.0) -> int:
-    deadline = time.monotonic() + timeout
-    used = used_slots(g)
-    while used != 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-        used = used_slots(g)
-    return used
-
-
 def assert_alive(g: Gateway, sub_token: str, pub_headers: dict[str, str]) -> None:
     assert g.proc is not None and g.proc.poll() is None, "gateway process died"
     r = g.request("GET", "/healthz", admin=True)
@@ -112,7 +94,7 @@ def assert_alive(g: Gateway, sub_token: str, pub_headers: dict[str, str]) -> Non
         assert r.status == 200, r
         evs = s.wait_events(1, timeout=3)
         assert [(e.id, e.data) for e in evs] == [(r.json()["ids"][0], "ping")]
-    assert wait_no_slots(g) == 0
+    assert g.wait_slots(0) == 0
 
 
 def receives(g: Gateway, s: Stream, topic: str) -> None:
@@ -186,7 +168,8 @@ def test_no_token_is_401(ag: Gateway, alive):
     "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.bm90IGpzb24.AAAA",
 ])
 def test_garbage_token_is_401(ag: Gateway, alive, token: str):
-    remember(token) if len(token) > 10 else None
+    if len(token) > 10:
+        remember(token)
     refused(ag, "/events?topic=prices.AAPL", 401, bearer(token))
     refused(ag, f"/events?topic=prices.AAPL&token={quote(token)}", 401)
 
@@ -423,4 +406,59 @@ def test_audience_and_issuer_checked(gateway):
         {"aud": ["a", "b"], "iss": "https://issuer.example"},
     ):
         refused(g, "/events?topic=a.b", 401, bearer(hs({**claims, **base})))
-    assert_alive(g, good, {})  # loopback publish needs no token? no: auth is on
+    pub_ok = hs({"aud": "ssegw-e2e", "iss": "https://issuer.example", "ssegw": {"publish": [">"]}})
+    check_resp(g.publish({"topic": "a.b", "data": 1}, bearer(hs({"aud": "x", "iss": "https://issuer.example",
+                                                                  "ssegw": {"publish": [">"]}}))), 401)
+    assert_alive(g, good, bearer(pub_ok))
+
+
+# -- tokens never in the log (keep these last: they also scan for every token used above) ----------
+
+
+def test_tokens_never_in_log(ag: Gateway, rg: Gateway, ok_token: str):
+    # exercise every path a token can take, good and bad, then scan the (debug level) log
+    fresh = [
+        hs({"jti": uuid.uuid4().hex, **ALL}),
+        hs({"jti": uuid.uuid4().hex, "exp": int(time.time()) - 5, **ALL}),
+        hs({"jti": uuid.uuid4().hex, "ssegw": {"subscribe": ["nothing.*"]}}),
+        hs({"jti": uuid.uuid4().hex, **ALL}, key="wrong-secret-wrong-secret-wrong-secret"),
+    ]
+    for tok in fresh:
+        sub_status(ag, "/events?topic=prices.LOG", bearer(tok))
+        sub_status(ag, f"/events?topic=prices.LOG&token={tok}")
+        sub_status(ag, "/events?topic=prices.LOG", {"Cookie": f"ssegw_token={tok}"})
+        sub_status(ag, "/events?topic=bad%20topic&token=" + tok)  # 400 with a token in the query
+        ag.publish({"topic": "prices.LOG", "data": 1}, bearer(tok))
+        ag.request("GET", "/nope?token=" + tok)  # 404 with a token in the query
+    ag.publish({"topic": "prices.LOG", "data": 1}, bearer(PUBLISH_KEY))
+    time.sleep(0.2)  # let the log reader catch up
+    secrets = {SECRET: "jwt secret", PUBLISH_KEY: "publish key"}
+    for t in TOKENS:
+        secrets[t] = "token"
+        parts = t.split(".")
+        if len(parts) == 3 and len(parts[2]) >= 16:
+            secrets[parts[2]] = "token signature"
+    for g in (ag, rg):
+        log = "".join(g.log)
+        leaked = [(what, s[:40]) for s, what in secrets.items() if s in log]
+        assert not leaked, leaked
+    assert_alive(ag, ok_token, bearer(PUBLISH_KEY))
+
+
+@pytest.mark.xfail(reason="BUG: at log_level=debug a malformed request line or header line is logged verbatim "
+                          "(h11 error text), token included", strict=True)
+def test_tokens_not_in_debug_log_of_malformed_requests(ag: Gateway, ok_token: str):
+    tok = jwt.encode({"jti": uuid.uuid4().hex, **ALL}, SECRET, algorithm="HS256")  # not in TOKENS on purpose
+    raw = raw_exchange(ag.port, f"GET /events?topic=a&token={tok} HTTP/1.1 junk\r\nHost: x\r\n\r\n".encode(),
+                       timeout=3)
+    assert raw.startswith(b"HTTP/1.1 400 ")
+    tok2 = jwt.encode({"jti": uuid.uuid4().hex, **ALL}, SECRET, algorithm="HS256")
+    raw = raw_exchange(ag.port, f"GET /events?topic=a HTTP/1.1\r\nHost: x\r\nAuthorization Bearer {tok2}\r\n\r\n"
+                       .encode(), timeout=3)
+    assert raw.startswith(b"HTTP/1.1 400 ")
+    time.sleep(0.2)
+    try:
+        log = "".join(ag.log)
+        assert tok not in log and tok2 not in log, "token written to the log"
+    finally:
+        assert_alive(ag, ok_token, bearer(PUBLISH_KEY))

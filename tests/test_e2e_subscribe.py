@@ -66,28 +66,10 @@ def refused(gw: Gateway, p: str, headers: dict[str, str] | None = None, want: in
         s.close()
 
 
-def quiet(s: Stream, n: int, wait: float = 0.3) -> None:
+def quiet(s: Stream, n: int, wait: float = 0.1) -> None:
     """Assert that nothing beyond ``n`` events arrives within ``wait`` seconds."""
     evs = s.wait_events(n + 1, timeout=wait)
     assert len(evs) == n, [(e.id, e.event, e.data) for e in evs[n:]]
-
-
-def heartbeat_count(s: Stream, before: int) -> int:
-    return len(s.parser.comments) - before
-
-
-def watch_comments(s: Stream, duration: float) -> list[float]:
-    """Pump for ``duration`` seconds; the arrival time of each new comment line."""
-    times: list[float] = []
-    seen = len(s.parser.comments)
-    deadline = time.monotonic() + duration
-    while time.monotonic() < deadline and not s.closed:
-        s.pump(min(0.02, max(0.0, deadline - time.monotonic())))
-        now = len(s.parser.comments)
-        if now > seen:
-            times += [time.monotonic()] * (now - seen)
-            seen = now
-    return times
 
 
 def by_topic(evs: list[Ev], data_topic: dict[str, str]) -> dict[str, list[str]]:
@@ -131,55 +113,48 @@ def test_stream_headers_and_retry(gw: Gateway) -> None:
     assert gw.wait_slots(0) == 0
 
 
-def test_heartbeats_on_silent_stream(gw: Gateway) -> None:
-    t = new_topic()
-    with gw.stream(path(t)) as s:
-        assert s.status == 200
+def test_heartbeats_only_when_silent(gw: Gateway) -> None:
+    """A silent stream gets a heartbeat every ~1s (heartbeat_interval); streams that get an
+    event every 0.3s (one topic, and several topics) get none, until they fall silent."""
+    quiet_t, busy_t, a, b = new_topic("q"), new_topic("busy"), new_topic("a"), new_topic("b")
+    with gw.stream(path(quiet_t)) as silent, gw.stream(path(busy_t)) as busy, gw.stream(path(a, b)) as multi:
+        streams = (silent, busy, multi)
+        assert all(s.status == 200 for s in streams)
         opened = time.monotonic()
-        assert s.wait_for(lambda x: x.parser.retries, timeout=2)
-        times = watch_comments(s, 3.4)
-        assert s.events == []
-        # heartbeat_interval is 1s: a heartbeat at ~1s, ~2s, ~3s of silence
-        assert 3 <= len(times) <= 4, [round(x - opened, 3) for x in times]
-        assert times[0] - opened <= 1.35
-        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert all(s.wait_for(lambda x: x.parser.retries, timeout=2) for s in streams)
+        base = [len(s.parser.comments) for s in streams]
+        arrivals: list[list[float]] = [[], [], []]
+
+        def pump_all(duration: float) -> None:
+            deadline = time.monotonic() + duration
+            while True:
+                for k, s in enumerate(streams):
+                    s.pump(0)
+                    while len(arrivals[k]) < len(s.parser.comments) - base[k]:
+                        arrivals[k].append(time.monotonic())
+                if time.monotonic() >= deadline:
+                    return
+                time.sleep(0.01)
+
+        last_pub = 0.0
+        for i in range(11):  # one event every 0.3s for 3.3s: the busy streams are never silent for 1s
+            pub(gw, [{"topic": busy_t, "data": str(i)}, {"topic": (a, b)[i % 2], "data": str(i)}])
+            last_pub = time.monotonic()
+            pump_all(0.3)
+        assert len(busy.events) == 11 and len(multi.events) == 11 and silent.events == []
+        assert arrivals[1] == [] and arrivals[2] == [], (busy.parser.comments, multi.parser.comments)
+        # the silent stream: a heartbeat at ~1s, ~2s, ~3s of silence, no more often
+        hb = arrivals[0]
+        assert 3 <= len(hb) <= 4, [round(x - opened, 3) for x in hb]
+        assert hb[0] - opened <= 1.35
+        gaps = [y - x for x, y in zip(hb, hb[1:], strict=False)]
         assert all(0.85 <= g <= 1.35 for g in gaps), gaps
-        assert not s.closed
-    assert gw.wait_slots(0) == 0
-
-
-def test_no_heartbeats_while_events_flow(gw: Gateway) -> None:
-    t = new_topic()
-    with gw.stream(path(t)) as s:
-        assert s.status == 200
-        assert s.wait_for(lambda x: x.parser.retries, timeout=2)
-        before = len(s.parser.comments)
-        last = 0.0
-        for i in range(9):  # one event every 0.3s for 2.7s: never 1s of silence
-            pub(gw, {"topic": t, "data": str(i)})
-            last = time.monotonic()
-            assert len(s.wait_events(i + 1)) == i + 1
-            if i < 8:
-                watch_comments(s, 0.3)
-        assert heartbeat_count(s, before) == 0, s.parser.comments
-        # silence again: a heartbeat follows after one interval of silence
-        times = watch_comments(s, 1.6)
-        assert times, "no heartbeat after the events stopped"
-        assert 0.85 <= times[0] - last <= 1.4, times[0] - last
-    assert gw.wait_slots(0) == 0
-
-
-def test_heartbeats_on_multi_topic_stream_also_suppressed_by_events(gw: Gateway) -> None:
-    a, b = new_topic("a"), new_topic("b")
-    with gw.stream(path(a, b)) as s:
-        assert s.status == 200
-        assert s.wait_for(lambda x: x.parser.retries, timeout=2)
-        before = len(s.parser.comments)
-        for i in range(6):
-            pub(gw, {"topic": (a, b)[i % 2], "data": str(i)})
-            assert len(s.wait_events(i + 1)) == i + 1
-            watch_comments(s, 0.3)
-        assert heartbeat_count(s, before) == 0
+        # now the busy streams fall silent: a heartbeat after one interval
+        pump_all(1.45)
+        for k in (1, 2):
+            assert arrivals[k], "no heartbeat after the events stopped"
+            assert 0.85 <= arrivals[k][0] - last_pub <= 1.4, arrivals[k][0] - last_pub
+        assert not any(s.closed for s in streams)
     assert gw.wait_slots(0) == 0
 
 
@@ -379,7 +354,7 @@ def _resume_scenario(gw: Gateway, how: str) -> None:
     for i, t in enumerate(plan[:4]):
         missed.append((pub(gw, {"topic": t, "data": f"{t}-m{i}"})[0], t))
     batch = [{"topic": t, "data": f"{t}-m{i + 4}"} for i, t in enumerate(plan[4:])]
-    missed += list(zip(pub(gw, batch), plan[4:]))
+    missed += list(zip(pub(gw, batch), plan[4:], strict=True))
     want = {a: [i for i, t in missed if t == a], b: [i for i, t in missed if t == b]}
     n = len(want[a]) + len(want[b])
     headers: dict[str, str] | None = None
@@ -468,8 +443,8 @@ def test_since_earliest_gives_all_retained(gw: Gateway) -> None:
         evs = s.wait_events(12)
         quiet(s, 12)
         for t in (a, b):
-            want = [(i, m["data"]) for i, m in zip(ids, msgs) if m["topic"] == t]
-            got_ids = {i for i, m in zip(ids, msgs) if m["topic"] == t}
+            want = [(i, m["data"]) for i, m in zip(ids, msgs, strict=True) if m["topic"] == t]
+            got_ids = {i for i, m in zip(ids, msgs, strict=True) if m["topic"] == t}
             assert [(e.id, e.data) for e in evs if e.id in got_ids] == want
         live = pub(gw, {"topic": a, "data": "live"})
         assert s.wait_events(13)[12].id == live[0]

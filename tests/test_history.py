@@ -252,7 +252,6 @@ def test_sweep_budget_bounds_the_work() -> None:
 # replay_now and, once, the async API through asyncio.run.)
 
 
-
 class Clock:
     def __init__(self) -> None:
         self.ms = 1_000_000
@@ -444,4 +443,4 @@ def test_every_resume_point_replays_exactly_what_followed(
     for t in topics:
         all_t = [q for q, tt in published if tt == t]
         mine = [e.seq for e in earliest.events if e.topic == t]
-        assert mine == all_t[len(all_t) - len(mine):] and len(mine) >= min(size, len(all_t))
+        assert mine == all_t[len(all_t) - len(mine) :] and len(mine) >= min(size, len(all_t))

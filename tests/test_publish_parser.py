@@ -44,8 +44,22 @@ def test_single_message_with_string_data() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [0, -1, 1.5, True, False, None, [], {}, [1, "a", None], {"p": 101.5, "s": "AAPL"}, {"nested": {"x": [1, 2]}},
-     "", "  spaced", "\u2028"],
+    [
+        0,
+        -1,
+        1.5,
+        True,
+        False,
+        None,
+        [],
+        {},
+        [1, "a", None],
+        {"p": 101.5, "s": "AAPL"},
+        {"nested": {"x": [1, 2]}},
+        "",
+        "  spaced",
+        "\u2028",
+    ],
 )
 def test_any_json_data(data: object) -> None:
     [m] = publish({"topic": "t", "data": data})
@@ -170,8 +184,10 @@ def test_lone_surrogate_string_data_is_refused() -> None:
     assert ei.value.code == "bad_data"
 
 
-_SURROGATE_BUG = ("BUG (latent; orjson.loads never yields lone surrogates): validate_event_name accepts a lone "
-                  "surrogate and encode_body / dumps then raise UnicodeEncodeError / TypeError, not a ProtocolError")
+_SURROGATE_BUG = (
+    "BUG (latent; orjson.loads never yields lone surrogates): validate_event_name accepts a lone "
+    "surrogate and encode_body / dumps then raise UnicodeEncodeError / TypeError, not a ProtocolError"
+)
 
 
 @pytest.mark.xfail(strict=True, reason=_SURROGATE_BUG)

@@ -34,8 +34,29 @@ from ssegw.core.sse import (
 )
 
 # Text biased towards everything that is special to SSE or to str.splitlines().
-_SPECIAL = st.sampled_from(["\r", "\n", "\r\n", "\n\r", "\u2028", "\u2029", "\x0b", "\x0c", "\x1c", "\x85",
-                            " ", "  ", ":", "\0", "\ufeff", "data: x", "id: 9", "é", "\U0001f600"])
+_SPECIAL = st.sampled_from(
+    [
+        "\r",
+        "\n",
+        "\r\n",
+        "\n\r",
+        "\u2028",
+        "\u2029",
+        "\x0b",
+        "\x0c",
+        "\x1c",
+        "\x85",
+        " ",
+        "  ",
+        ":",
+        "\0",
+        "\ufeff",
+        "data: x",
+        "id: 9",
+        "é",
+        "\U0001f600",
+    ]
+)
 SSE_TEXT = st.one_of(
     st.text(),
     st.lists(st.one_of(_SPECIAL, st.text(max_size=4)), max_size=12).map("".join),
@@ -264,8 +285,11 @@ def test_chunked_sse_round_trip() -> None:
     events = [frame("e-1", "x\r\ny"), encode_reset(["a"]), HEARTBEAT, frame("e-2", "", "ev")]
     body, _ = dechunk(b"".join(chunk(e) for e in events))
     p = parse(body.decode())
-    assert [(e.event, e.data) for e in p.events] == [("message", "x\ny"), ("ssegw.reset", '{"topics":["a"]}'),
-                                                     ("ev", "")]
+    assert [(e.event, e.data) for e in p.events] == [
+        ("message", "x\ny"),
+        ("ssegw.reset", '{"topics":["a"]}'),
+        ("ev", ""),
+    ]
 
 
 # -- the parser fed whole, byte by byte, and in random splits (h11 tr() style) ---------
@@ -307,7 +331,7 @@ _STREAM_PARTS = st.one_of(
 def test_parser_whole_bytewise_and_split_agree(parts: list[bytes], cuts: list[int]) -> None:
     data = b"".join(parts)
     whole = summary(feed_bytes([data]))
-    assert summary(feed_bytes([data[i:i + 1] for i in range(len(data))])) == whole
+    assert summary(feed_bytes([data[i : i + 1] for i in range(len(data))])) == whole
     assert summary(feed_bytes(split_at(data, cuts))) == whole
     # With trailing data (the start of the next event) nothing extra is dispatched.
     assert summary(feed_bytes([data, b"id: zz-9\ndata: part"]))[0] == whole[0]

@@ -153,8 +153,16 @@ def test_conflate_policy_is_looked_up_per_topic_once() -> None:
 
 
 @settings(max_examples=100)
-@given(ops=st.lists(st.tuples(st.sampled_from(["add", "remove", "sub", "unsub"]), st.integers(0, 7),
-                              st.lists(st.sampled_from("abcd"), max_size=3, unique=True)), max_size=60))
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["add", "remove", "sub", "unsub"]),
+            st.integers(0, 7),
+            st.lists(st.sampled_from("abcd"), max_size=3, unique=True),
+        ),
+        max_size=60,
+    )
+)
 def test_random_operations_keep_the_table_consistent(ops: list[tuple[str, int, list[str]]]) -> None:
     t = Table()
     conns = [conn() for _ in range(8)]

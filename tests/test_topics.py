@@ -41,7 +41,7 @@ def test_valid_topic_names(name: str) -> None:
         "a*",
         "a>",
         "a,b",
-        "a\"b",
+        'a"b',
         "a\\b",
         "{sub}",
         "a#b",
