@@ -174,8 +174,6 @@ def test_admin_topic_bad_name_400(gw: Gateway, name: str) -> None:
     assert gw.wait_slots(0) == 0
 
 
-@pytest.mark.xfail(reason="BUG: /admin/topics/ with a percent-escape that is not UTF-8 answers 500, not 400",
-                   strict=True)
 @pytest.mark.parametrize("name", ["%FF", "%C3"])
 def test_admin_topic_bad_escape_400(gw: Gateway, name: str) -> None:
     assert_error(admin(gw, "/admin/topics/" + name), 400)
@@ -216,8 +214,6 @@ def test_public_paths_not_on_admin_port(gw: Gateway, p: str) -> None:
     assert gw.wait_slots(0) == 0
 
 
-@pytest.mark.xfail(reason="BUG: the admin listener answers 405 (Allow: GET, HEAD) for POST to a path it does not "
-                          "have, e.g. POST /publish, instead of 404", strict=True)
 def test_publish_on_admin_port_is_404(gw: Gateway) -> None:
     r = gw.request("POST", "/publish", b'{"topic":"x","data":1}', {"Content-Type": "application/json"}, admin=True)
     assert_error(r, 404)

@@ -246,9 +246,6 @@ def test_publish_from_loopback_without_auth_is_allowed(gw: Gateway):
     assert_alive(gw)
 
 
-@pytest.mark.xfail(reason="BUG: without auth, /publish checks the TCP peer for loopback even when a trusted "
-                          "proxy forwards a remote client (X-Forwarded-For), so anyone can publish through a local "
-                          "reverse proxy", strict=True)
 def test_publish_via_trusted_proxy_for_remote_client_is_refused(gateway):
     """Without auth, /publish is for loopback only; behind a trusted local proxy the client is
     the forwarded address, so a remote client must not be able to publish through it."""

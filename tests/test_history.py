@@ -392,7 +392,6 @@ def test_tick_sweeps_aged_topics_and_keeps_coverage_conservative() -> None:
     assert r.reset == [] and r.events == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: replay_now checks coverage before get() trims by TTL -> silent gap")
 def test_events_aged_out_since_the_last_sweep_are_a_reset_not_a_silent_gap() -> None:
     b, clock, _ = make_broker(size=100, ttl_ms=1000)
     b.publish_now([msg("a", "seen")])

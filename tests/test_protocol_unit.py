@@ -261,11 +261,6 @@ def test_trailing_pipelined_data_waits_for_the_rest() -> None:
     assert len(responses(t.data)) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after an asynchronous respond() the next pipelined request already "
-    "buffered in h11 is never parsed (respond does not call drive())",
-)
 def test_pipelined_request_after_an_async_response_is_served() -> None:
     pending: list[HTTPProtocol] = []
     p, t, w = connect(handler=lambda p, req, body: pending.append(p))  # answers later, like a Redis publish
@@ -646,7 +641,6 @@ _SPLIT_431 = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=_SPLIT_431)
 def test_body_after_a_head_end_split_across_segments_is_not_head() -> None:
     body = b"x" * (MAX_HEAD + 100)
     raw = post(body)
@@ -656,11 +650,6 @@ def test_body_after_a_head_end_split_across_segments_is_not_head() -> None:
     assert w.handled == [(b"POST", b"/publish", b"1.1", body)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _head_end knows CRLFCRLF and LFLF but not LF CRLF, which h11 accepts "
-    "as the end of a head; the body is then counted as head -> false 431",
-)
 def test_head_ended_by_lf_crlf_with_a_large_body() -> None:
     body = b"x" * (MAX_HEAD + 100)
     raw = b"POST /publish HTTP/1.1\r\nHost: h\r\nContent-Length: %d\n\r\n" % len(body) + body
@@ -684,7 +673,6 @@ _PIPELINED_LIMITS = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=_PIPELINED_LIMITS)
 def test_pipelined_oversized_head_is_431() -> None:
     big = get("/second", extra="X-Big: " + "v" * (4 * MAX_HEAD) + "\r\n")
     p, t, w = connect()
@@ -693,7 +681,6 @@ def test_pipelined_oversized_head_is_431() -> None:
     assert [r.status for r in responses(t.data)] == [200, 431]
 
 
-@pytest.mark.xfail(strict=True, reason=_PIPELINED_LIMITS)
 def test_pipelined_long_request_line_is_414() -> None:
     p, t, w = connect(max_head_size=64 * 1024)
     feed(p, [get("/first") + get("/" + "a" * (MAX_REQUEST_LINE + 10))])

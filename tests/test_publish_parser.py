@@ -190,7 +190,6 @@ _SURROGATE_BUG = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=_SURROGATE_BUG)
 @pytest.mark.parametrize(
     "obj",
     [{"topic": "t", "data": "x", "event": "a\ud800"}, {"topic": "t", "data": ["a\ud800"]}],

@@ -18,14 +18,17 @@ from ..core.publish import Message
 
 
 class Replay:
-    """What a new stream gets before going live: events to replay (ascending by seq) and the
-    topics whose gap history no longer covers (they get ``ssegw.reset``)."""
+    """What a new stream gets before going live: events to replay (ascending by seq), the
+    topics whose gap history no longer covers (they get ``ssegw.reset``), and per replayed
+    topic the sequence up to which the replay is complete (live events at or under it are
+    duplicates of the replay and are skipped)."""
 
-    __slots__ = ("events", "reset")
+    __slots__ = ("events", "reset", "floors")
 
-    def __init__(self, events: list[Event], reset: list[str]) -> None:
+    def __init__(self, events: list[Event], reset: list[str], floors: dict[str, int] | None = None) -> None:
         self.events = events
         self.reset = reset
+        self.floors = floors or {}
 
 
 class BrokerUnavailable(Exception):

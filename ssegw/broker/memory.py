@@ -78,6 +78,11 @@ class MemoryBroker:
         now = self._clock_ms()
         head = self.seq
         store = self.history
+        if after is None and since is None:
+            return Replay([], [])
+        # Trim by age first: coverage must account for events that aged out since the last
+        # sweep, or they would vanish without a reset.
+        hist = {t: store.get(t, now) for t in topics}
         if after is not None:
             epoch, seqs = after
             if epoch != self.epoch or len(seqs) != 1 or seqs[0] > head:
@@ -85,32 +90,16 @@ class MemoryBroker:
                 return Replay([], list(topics))
             s = seqs[0]
             reset = [t for t in topics if not store.covers(t, s)]
-            lists = []
-            for t in topics:
-                if t in reset:
-                    continue
-                h = store.get(t, now)
-                if h is not None:
-                    lists.append(h.after(s, head))
-            return Replay(_merge(lists), reset)
+            lists = [h.after(s, head) for t, h in hist.items() if h is not None and t not in reset]
+            floors = {t: head for t in topics if t not in reset}
+            return Replay(_merge(lists), reset, floors)
+        floors = {t: head for t in topics}
         if since == "last":
-            evs = []
-            for t in topics:
-                h = store.get(t, now)
-                if h is not None:
-                    e = h.last(head)
-                    if e is not None:
-                        evs.append(e)
+            evs = [e for e in (h.last(head) for h in hist.values() if h is not None) if e is not None]
             evs.sort(key=_seq)
-            return Replay(evs, [])
-        if since == "earliest":
-            lists = []
-            for t in topics:
-                h = store.get(t, now)
-                if h is not None:
-                    lists.append(h.all(head))
-            return Replay(_merge(lists), [])
-        return Replay([], [])
+            return Replay(evs, [], floors)
+        lists = [h.all(head) for h in hist.values() if h is not None]
+        return Replay(_merge(lists), [], floors)
 
     async def replay(
         self, topics: tuple[str, ...], after: tuple[str, tuple[int, ...]] | None, since: str | None

@@ -9,7 +9,8 @@ one write; there is no per-subscriber encoding or buffering on the fast path.
 
 Connections subscribed to several topics cannot share one topic's joined bytes (their
 events from different topics must be interleaved in sequence order), so they are collected
-during the sweep and get their own merged write at the end -- still one write each.
+during the sweep and get their own merged write at the end -- still one write each.  The
+same slow path serves paused connections and new streams with a replay floor.
 
 Slow consumers.  A connection whose transport called ``pause_writing`` is ``paused``; its
 events are held in ``pending`` instead of written.  Policy per topic:
@@ -20,9 +21,13 @@ events are held in ``pending`` instead of written.  Policy per topic:
   key, in sequence order.  If even that exceeds ``max_buffer`` the connection is dropped.
 When the transport resumes, everything held goes out in one write.
 
-Sequence watermark.  ``flushed_seq`` is the highest sequence handed to subscribers.  A new
-subscriber replays history only up to it; newer events are still in a batch and reach it
-through the next flush, so nothing is delivered twice or skipped.
+Replay floors.  A new stream is subscribed *before* its replay is fetched, and the replay
+covers each topic up to the broker's head at that moment, so the first flushes may carry
+events it already got (still in a batch, or on their way from the broker).  Its ``floor``
+maps topic -> highest sequence the replay covered; events at or under it are skipped, and
+the floor disappears with the first event above it, returning the connection to the fast
+path.  Held events are kept in sequence order across topics, so a client that resumes from
+the last id it saw never skips an earlier event of another topic.
 """
 
 from __future__ import annotations
@@ -92,12 +97,12 @@ class Fanout:
         events_total = 0
         delivered = 0
         nbytes = 0
-        multi: dict[Conn, list[list[Event]]] | None = None
+        slow: dict[Conn, list[Event]] | None = None
         for ts in dirty:
             batch: list[Event] = ts.batch  # type: ignore[assignment]
             ts.batch = []
             if not ts.subs:
-                if ts.name in self.table.topics and not ts.subs:
+                if self.table.topics.get(ts.name) is ts:
                     del self.table.topics[ts.name]
                 continue
             n = len(batch)
@@ -111,17 +116,16 @@ class Fanout:
             # which only flips a flag; closes are deferred to connection_lost, so the dict
             # cannot change under the loop.
             for conn in ts.subs.values():
-                if len(conn.topics) > 1:
-                    if multi is None:
-                        multi = {}
-                    lists = multi.get(conn)
-                    if lists is None:
-                        multi[conn] = [batch]
+                if conn.paused or conn.floor is not None or len(conn.topics) > 1:
+                    # Slow path: several topics to merge, a replay floor to apply, or a
+                    # paused transport.  Collected and handled per connection below.
+                    if slow is None:
+                        slow = {}
+                    lst = slow.get(conn)
+                    if lst is None:
+                        slow[conn] = list(batch)
                     else:
-                        lists.append(batch)
-                    continue
-                if conn.paused:
-                    self._hold(conn, batch, ts.conflate)
+                        lst.extend(batch)
                     continue
                 if conn.chunked:
                     conn.transport.write(framed)  # type: ignore[attr-defined]
@@ -133,19 +137,18 @@ class Fanout:
                 w += 1
             writes += w
             delivered += w * n
-        if multi:
-            for conn, lists in multi.items():
+        if slow:
+            for conn, evs in slow.items():
                 if conn.state == CLOSED:
                     continue
-                if len(lists) == 1:
-                    evs = lists[0]
-                else:
-                    evs = [e for lst in lists for e in lst]
-                    evs.sort(key=_seq)
+                if len(conn.topics) > 1:
+                    evs.sort(key=_seq)  # interleave topics in publish order
+                if conn.floor is not None:
+                    evs = self._apply_floor(conn, evs)
+                    if not evs:
+                        continue
                 if conn.paused:
-                    for lst in lists:
-                        ts2 = self.table.topics.get(lst[0].topic)
-                        self._hold(conn, lst, ts2.conflate if ts2 is not None else False)
+                    self.hold(conn, evs)
                     continue
                 nbytes += self._write_events(conn, evs, now_ms)
                 writes += 1
@@ -158,6 +161,28 @@ class Fanout:
         stats.last_events = events_total
         return writes
 
+    @staticmethod
+    def _apply_floor(conn: Conn, evs: list[Event]) -> list[Event]:
+        """Drop events a new stream already got from its replay (seq <= its topic's floor).
+
+        A topic's floor is removed once an event above it passes: sequences only grow, so
+        nothing later can fall under it; when no floor is left the connection is back on
+        the fast path.
+        """
+        floor = conn.floor
+        assert floor is not None
+        out = []
+        for e in evs:
+            f = floor.get(e.topic)
+            if f is None:
+                out.append(e)
+            elif e.seq > f:
+                del floor[e.topic]
+                out.append(e)
+        if not floor:
+            conn.floor = None
+        return out
+
     def _write_events(self, conn: Conn, evs: list[Event], now_ms: int) -> int:
         raw = evs[0].frame if len(evs) == 1 else b"".join([e.frame for e in evs])
         data = chunk(raw) if conn.chunked else raw
@@ -167,7 +192,8 @@ class Fanout:
 
     # -- slow consumers -------------------------------------------------------------
 
-    def _hold(self, conn: Conn, batch: list[Event], conflate: bool) -> None:
+    def hold(self, conn: Conn, evs: list[Event]) -> None:
+        """Keep ``evs`` (ascending by seq) for a paused connection, by topic policy."""
         if conn.state == CLOSED:
             return
         pending = conn.pending
@@ -175,10 +201,12 @@ class Fanout:
             pending = conn.pending = {}
         size = conn.pending_bytes
         stats = self.stats
-        for ev in batch:
-            if conflate:
+        topics = self.table.topics
+        for ev in evs:
+            ts = topics.get(ev.topic)
+            if ts is not None and ts.conflate:
                 k: object = (ev.topic, ev.key)
-                old = pending.pop(k, None)
+                old = pending.pop(k, None)  # re-inserted at the end: keeps seq order
                 if old is not None:
                     size -= len(old.frame)  # type: ignore[attr-defined]
                     stats.conflated += 1

@@ -79,7 +79,10 @@ def parse_message(obj: object, dumps: Callable[[object], bytes], where: str = "m
         if isinstance(data, str):
             lines = data_lines(data)
         else:
-            lines = b"data: " + dumps(data) + b"\n"
+            try:
+                lines = b"data: " + dumps(data) + b"\n"
+            except (TypeError, ValueError) as e:  # orjson.JSONEncodeError is a TypeError
+                raise BadRequest(f"cannot be encoded as JSON ({e})", code="bad_data") from None
     except BadRequest as e:
         raise BadRequest(f"{where}.data: {e.detail}", code="bad_data") from None
     return Message(topic, event, key, encode_body(event, lines))

@@ -45,6 +45,10 @@ def validate_event_name(name: object) -> str:
         raise BadRequest(f"event name is longer than {MAX_EVENT_NAME} characters", code="bad_event")
     if _BAD_FIELD.search(name):
         raise BadRequest("event name contains CR, LF or NUL", code="bad_event")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("event name is not valid Unicode (lone surrogate)", code="bad_event") from None
     return name
 
 

@@ -39,6 +39,7 @@ class Conn:
         "last_write_ms",
         "timer",
         "deadline",
+        "floor",
     )
 
     def init_conn(self) -> None:
@@ -57,6 +58,8 @@ class Conn:
         self.last_write_ms = 0
         self.timer: object = None  # head/idle timeout, then heartbeat
         self.deadline: object = None  # lifetime / token expiry / drain close
+        # topic -> highest seq its replay covered; None once live (see core/fanout.py).
+        self.floor: dict[str, int] | None = None
 
 
 class TopicState:

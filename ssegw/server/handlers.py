@@ -235,18 +235,21 @@ def _start(w: "Worker", p: HTTPProtocol, replay: Replay, principal: object, cors
     if replay.reset:
         parts.append(encode_reset(replay.reset))
         w.resets += 1
-    seen: set[int] = set()
     for ev in replay.events:
         parts.append(ev.frame)
-        seen.add(ev.seq)
     w.events_replayed += len(replay.events)
+    floors = replay.floors
     held = p.pending
     p.pending = None
     p.pending_bytes = 0
     if held:
         for ev in held.values():
-            if ev.seq not in seen:  # type: ignore[attr-defined]
+            f = floors.get(ev.topic)  # type: ignore[attr-defined]
+            if f is None or ev.seq > f:  # type: ignore[attr-defined]
                 parts.append(ev.frame)  # type: ignore[attr-defined]
+    # Events still in a batch (or on their way from the broker) at or under a topic's floor
+    # were part of the replay: the fan-out skips them (core/fanout.py "Replay floors").
+    p.floor = dict(floors) if floors else None
     p.paused = False
     p.start_stream(_STREAM_HEADERS + cors, b"".join(parts))
     now = w.now_ms()
@@ -276,7 +279,9 @@ def publish(w: "Worker", p: HTTPProtocol, req: h11.Request, body: bytes) -> None
     if not w.admission.ip_filter.allowed(ip):
         raise Forbidden("client address denied", code="ip_denied")
     authz = _header(req, b"authorization")
-    loopback = _is_loopback(p.ip)
+    # The client, not the proxy in front of it: a trusted local reverse proxy must not turn
+    # every remote publisher into a loopback one.
+    loopback = _is_loopback(ip)
     # Authenticate before looking at the body, so strangers learn nothing from our parser.
     w.auth.authorize_publish(authz, [], time.time(), loopback)
     if not _is_json(_header(req, b"content-type")):
@@ -311,8 +316,6 @@ def _publish_done(w: "Worker", p: HTTPProtocol, task: asyncio.Task, n: int, cors
     else:
         log.error("publish failed", exc_info=exc)
         p.respond(500, b'{"error":"internal","detail":"publish failed"}', close=True)
-    if p.state != CLOSED:
-        p.drive()
 
 
 def _published(w: "Worker", p: HTTPProtocol, ids: list[str], n: int, cors: list) -> None:
@@ -328,7 +331,12 @@ def _is_loopback(ip: str) -> bool:
 # -- admin ------------------------------------------------------------------------------
 
 
+_ADMIN_PATHS = (b"/healthz", b"/readyz", b"/metrics", b"/admin/stats")
+
+
 def _admin(w: "Worker", p: HTTPProtocol, req: h11.Request, path: bytes) -> None:
+    if path not in _ADMIN_PATHS and not path.startswith(b"/admin/topics/"):
+        raise NotFound(f"no such admin path: {path[:200].decode('latin-1')}")
     if req.method not in (b"GET", b"HEAD"):
         raise MethodNotAllowed("admin endpoints are read-only: use GET", headers=(("Allow", "GET, HEAD"),))
     if path == b"/healthz":
@@ -348,7 +356,10 @@ def _admin(w: "Worker", p: HTTPProtocol, req: h11.Request, path: bytes) -> None:
     elif path == b"/admin/stats":
         p.respond_json(200, {"workers": [stats(w)]})
     elif path.startswith(b"/admin/topics/"):
-        name = unquote(path[len(b"/admin/topics/"):].decode("latin-1"), errors="strict")
+        try:
+            name = unquote(path[len(b"/admin/topics/"):].decode("latin-1"), errors="strict")
+        except UnicodeDecodeError:
+            raise BadRequest("topic name is not valid percent-encoded UTF-8", code="bad_topic") from None
         validate_topic(name)
         local = w.table.subscribers(name)
         task = asyncio.get_running_loop().create_task(w.broker.subscribers(name, local))  # type: ignore[attr-defined]
@@ -360,8 +371,6 @@ def _admin(w: "Worker", p: HTTPProtocol, req: h11.Request, path: bytes) -> None:
                 p.respond_error(Unavailable("broker unavailable", headers=(("Retry-After", "1"),)))
             else:
                 p.respond_json(200, {"topic": name, "subscribers": t.result()})
-            if p.state != CLOSED:
-                p.drive()
 
         task.add_done_callback(done)
     else:

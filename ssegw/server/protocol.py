@@ -63,7 +63,7 @@ def error_body(code: str, detail: str) -> bytes:
 
 
 class HTTPProtocol(Conn, asyncio.Protocol):
-    __slots__ = ("w", "h11", "admin", "req", "body", "line", "inbound", "held_ip")
+    __slots__ = ("w", "h11", "admin", "req", "body", "line", "inbound", "held_ip", "driving")
 
     def __init__(self, worker: object, admin: bool) -> None:
         self.init_conn()
@@ -75,6 +75,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         self.line = 0  # bytes of the current request line seen; -1 once it is complete
         self.inbound = 0  # bytes received (body, or discarded bytes on a stream)
         self.held_ip = False  # holds a per-IP stream slot that must be released
+        self.driving = False  # inside drive(): an answer must not re-enter it
 
     # -- asyncio callbacks ------------------------------------------------------------
 
@@ -116,7 +117,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             return
         if state == CLOSED or self.h11 is None:
             return
-        if state == HEAD and not self._check_head(data):
+        if state == HEAD and self.line >= 0 and not self._check_line(data):
             return
         try:
             self.h11.receive_data(data)
@@ -124,37 +125,33 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             return
         self.drive()
 
-    def _check_head(self, data: bytes) -> bool:
-        """Enforce our own head limits before h11 sees ``data``; False if refused.
+    def _check_line(self, data: bytes) -> bool:
+        """Refuse an over-long request line as soon as it is seen (414); False if refused.
 
-        h11 bounds only *incomplete* heads (``max_incomplete_event_size``), so a complete
-        oversized head arriving in one segment would pass; we count head bytes ourselves.
-        ``inbound`` counts head bytes received so far in this request cycle.
+        Only a line still incomplete needs this (h11 would wait for up to max_head_size);
+        complete heads, pipelined ones included, are measured in :meth:`_on_request`.
         """
-        max_head = self.w.cfg.max_head_size
-        if self.line >= 0:
-            limit = min(MAX_REQUEST_LINE, max_head)
-            i = data.find(b"\n")
-            if (self.line + len(data) if i < 0 else self.line + i) > limit:
-                self._refuse(414, "uri_too_long", f"request line is longer than {limit} bytes")
-                return False
-            if i < 0:
-                self.line += len(data)
-            else:
-                self.line = -1
-        end = _head_end(data)
-        size = self.inbound + (len(data) if end < 0 else end)
-        if size > max_head:
-            self.w.count_protocol_error()
-            self._refuse(431, "header_too_large", f"request head is larger than max_head_size ({max_head} bytes)")
+        limit = min(MAX_REQUEST_LINE, self.w.cfg.max_head_size)
+        i = data.find(b"\n")
+        if (self.line + len(data) if i < 0 else self.line + i) > limit:
+            self._refuse(414, "uri_too_long", f"request line is longer than {limit} bytes")
             return False
-        self.inbound = size
+        self.line = self.line + len(data) if i < 0 else -1
         return True
 
     # -- request cycle ----------------------------------------------------------------
 
     def drive(self) -> None:
         """Pull h11 events until it needs more data or a handler takes over."""
+        if self.driving:
+            return
+        self.driving = True
+        try:
+            self._drive()
+        finally:
+            self.driving = False
+
+    def _drive(self) -> None:
         while self.state == HEAD or self.state == BODY:
             conn = self.h11
             if conn is None:
@@ -164,9 +161,12 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             except h11.RemoteProtocolError as e:
                 status = e.error_status_hint or 400
                 self.w.count_protocol_error()
-                log.debug("malformed request from %s: %s", self.ip, e)
+                # h11's messages may quote the offending line (a token, a cookie): keep only
+                # the part before the quote, in the log and in the answer.
+                what = str(e).split(":", 1)[0] or "malformed request"
+                log.debug("malformed request from %s: %s", self.ip, what)
                 code = "header_too_large" if status == 431 else "bad_request"
-                self._refuse(status, code, str(e) or "malformed request")
+                self._refuse(status, code, what)
                 return
             if ev is h11.NEED_DATA or ev is h11.PAUSED:
                 return
@@ -191,7 +191,20 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         self.body = []
         self.inbound = 0
         self.state = BODY
+        self.line = -1
         cfg = self.w.cfg
+        # h11 bounds only *incomplete* heads (max_incomplete_event_size); a complete head
+        # that arrived in one segment, or pipelined behind another request, is measured
+        # here from what h11 parsed (the raw head differs by a few bytes of whitespace).
+        line_len = len(req.method) + len(req.target) + 10
+        if line_len > min(MAX_REQUEST_LINE, cfg.max_head_size):
+            self._refuse(414, "uri_too_long", f"request line is longer than {min(MAX_REQUEST_LINE, cfg.max_head_size)} bytes")
+            return
+        head = line_len + sum(len(k) + len(v) + 4 for k, v in req.headers) + 2
+        if head > cfg.max_head_size:
+            self.w.count_protocol_error()
+            self._refuse(431, "header_too_large", f"request head is larger than max_head_size ({cfg.max_head_size} bytes)")
+            return
         for name, value in req.headers:
             if name == b"content-length":
                 try:
@@ -261,6 +274,10 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         self.inbound = 0
         self.w.arm_idle(self)
         self.transport.resume_reading()  # type: ignore[attr-defined]
+        # An answer given later (a broker round trip) must also serve requests that were
+        # pipelined behind it and already sit in h11's buffer.
+        if not self.driving:
+            self.drive()
 
     def respond_json(self, status: int, obj: object, headers: list[tuple[bytes, bytes]] | tuple = ()) -> None:
         self.respond(status, orjson.dumps(obj), headers=headers)
@@ -337,15 +354,3 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             self.w.on_closing(self)
         self.transport.abort()  # type: ignore[attr-defined]
 
-
-def _head_end(data: bytes) -> int:
-    """Index just past the blank line ending a request head in ``data``, or -1."""
-    a = data.find(b"\r\n\r\n")
-    b = data.find(b"\n\n")
-    if a < 0 and b < 0:
-        return -1
-    if a < 0:
-        return b + 2
-    if b < 0:
-        return a + 4
-    return min(a + 4, b + 2)
