@@ -69,16 +69,17 @@ def proc_rss(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def core_times() -> dict[str, tuple[int, int]]:
-    """{"cpu0": (busy, total), ...} in clock ticks, from /proc/stat."""
+def core_times() -> dict[str, tuple[int, ...]]:
+    """{"cpu0": (busy, total, user+nice, system, irq+softirq), ...} in clock ticks (/proc/stat)."""
     out = {}
     with open("/proc/stat") as f:
         for line in f:
             if line.startswith("cpu") and line[3].isdigit():
                 parts = line.split()
-                vals = [int(x) for x in parts[1:]]
-                idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
-                out[parts[0]] = (sum(vals[:8]) - idle, sum(vals[:8]))
+                v = [int(x) for x in parts[1:9]] + [0] * max(0, 9 - len(parts))
+                idle = v[3] + v[4]
+                total = sum(v[:8])
+                out[parts[0]] = (total - idle, total, v[0] + v[1], v[2], v[5] + v[6])
     return out
 
 
@@ -106,14 +107,22 @@ class CpuSampler:
             sys_pct[n] = round((s - self.c0[n][1]) / dt * 100, 1)
         k1 = core_times()
         cores = {}
-        for c, (b1, t1) in k1.items():
-            b0, t0 = self.k0.get(c, (0, 0))
-            cores[c] = round((b1 - b0) / max(1, t1 - t0) * 100, 1)
+        detail = {}
+        irq = 0.0
+        for c, v1 in k1.items():
+            v0 = self.k0.get(c, (0,) * len(v1))
+            span = max(1, v1[1] - v0[1])
+            cores[c] = round((v1[0] - v0[0]) / span * 100, 1)
+            detail[c] = {"user": round((v1[2] - v0[2]) / span * 100, 1), "system": round((v1[3] - v0[3]) / span * 100, 1),
+                         "irq_softirq": round((v1[4] - v0[4]) / span * 100, 1)}
+            irq += (v1[4] - v0[4]) / span * 100
         ours = sum(v for v in procs.values() if v == v)
-        # CPU used by processes that are not ours (other work on the machine) during the window.
-        foreign = round(max(0.0, sum(cores.values()) - ours), 1)
+        # CPU used by processes that are not ours (other work on the machine) during the
+        # window.  Softirq time (where loopback TCP receive processing is accounted, not to
+        # any process) is ours too and is left out.
+        foreign = round(max(0.0, sum(cores.values()) - ours - irq), 1)
         return {"window_s": round(dt, 2), "proc_pct": procs, "proc_sys_pct": sys_pct, "core_busy_pct": cores,
-                "foreign_pct": foreign}
+                "core_detail_pct": detail, "foreign_pct": foreign}
 
 
 async def wait_quiet(max_wait: float, busy_below: float = 20.0, sample: float = 2.0) -> dict[str, object]:

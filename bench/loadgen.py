@@ -106,14 +106,29 @@ class Prober:
     """Round-trip time of ``GET /healthz`` every ``period`` s: how long the server's event
     loop is blocked (a flush sweep runs to completion before anything else is served)."""
 
-    def __init__(self, admin: Admin, period: float = 0.2) -> None:
+    def __init__(self, admin: Admin, period: float = 0.2, rss: Callable[[], int] | None = None) -> None:
         self.admin = admin
         self.period = period
         self.rtts: list[float] = []
+        self.rss = rss
+        self.rss_max = 0
         self.task: asyncio.Task[None] | None = None
+        self.rss_task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self.task = loop.create_task(self._run())
+        if self.rss is not None:
+            self.rss_task = loop.create_task(self._rss())
+
+    async def _rss(self) -> None:
+        assert self.rss is not None
+        while True:
+            try:
+                self.rss_max = max(self.rss_max, self.rss())
+            except (OSError, RuntimeError):
+                return
+            await asyncio.sleep(0.1)
 
     async def _run(self) -> None:
         while True:
@@ -127,13 +142,17 @@ class Prober:
             await asyncio.sleep(self.period)
 
     async def stop(self) -> dict[str, object]:
-        if self.task is not None:
-            self.task.cancel()
-            try:
-                await self.task
-            except asyncio.CancelledError:
-                pass
-        return summarize_ms(self.rtts)
+        for t in (self.task, self.rss_task):
+            if t is not None:
+                t.cancel()
+                try:
+                    await t
+                except asyncio.CancelledError:
+                    pass
+        out = summarize_ms(self.rtts)
+        if self.rss is not None:
+            out["server_rss_max_mib"] = round(self.rss_max / 2**20, 1)
+        return out
 
 
 def summarize_ms(vals: list[float]) -> dict[str, object]:

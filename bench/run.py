@@ -139,7 +139,8 @@ async def window(srv: Server, admin: Admin, clients: Clients, pub: Publisher, ra
     for i, pid in enumerate(clients.pids):
         pids[f"client{i}"] = pid
     cpu = CpuSampler(pids)
-    prober = Prober(admin)
+    prober = Prober(admin, rss=srv.rss)
+    rss_before = srv.rss()
     cpu.start()
     prober.start()
     pr = await pub.run(rate, duration, make)
@@ -157,6 +158,7 @@ async def window(srv: Server, admin: Admin, clients: Clients, pub: Publisher, ra
     t_done = float(fin["t"])  # type: ignore[arg-type]
     final = await clients.snap("lat", *(("counts",) if directed_counts is not None else ()))
     st1 = await admin.stats()
+    rss_after = srv.rss()
     received = int(final["sum"])  # type: ignore[call-overload]
     res: dict[str, object] = {
         "rate": rate, "publisher": pr, "subs": subs,
@@ -166,11 +168,14 @@ async def window(srv: Server, admin: Admin, clients: Clients, pub: Publisher, ra
         "conns_open": final["open"], "conns_lost": final["lost"],
         "expected_per_s": round(expected / float(pr["duration_s"])),  # type: ignore[arg-type]
         "delivered_per_s": round(received / max(1e-9, t_done - t_start)),
-        "delivered_per_s_in_window": round(int(snap_end["sum"]) / float(pr["duration_s"])),  # type: ignore[call-overload, arg-type]
+        # Events counted by the subscribers when publishing had ended (their own clock).
+        "delivered_per_s_in_window": round(int(snap_end["sum"]) / max(1e-9, float(snap_end["t"]) - t_start)),  # type: ignore[call-overload, arg-type]
         "backlog_at_end_events": expected - int(snap_end["sum"]),  # type: ignore[call-overload]
         "drain_s": round(t_done - float(snap_end["t"]), 2),  # type: ignore[arg-type]
         "latency": merge_summaries([p.get("lat") for p in final["parts"]]),  # type: ignore[misc, union-attr, attr-defined]
         "latency_sampled_conns": sum(int(r["sampled"]) for r in clients.ready),  # type: ignore[call-overload]
+        "server_rss_mib": {"before": round(rss_before / 2**20, 1), "max": probe.pop("server_rss_max_mib", None),
+                           "after": round(rss_after / 2**20, 1)},
         "cpu": cpu_res, "before_window": quiet, "server_loop_probe": probe, "server": stats_delta(st0, st1),
     }
     if directed_counts is not None:
@@ -202,25 +207,6 @@ async def _wait_sum(clients: Clients, expected: int, timeout: float = 60, idle: 
         await asyncio.sleep(0.1)
 
 
-async def with_retries(args: argparse.Namespace, once) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    """Run a measured window up to ``--attempts`` times while other processes on the machine
-    took more than ``--max-foreign`` % CPU during it; keep the least disturbed attempt."""
-    tries: list[dict[str, object]] = []
-    for i in range(args.attempts):
-        res = await once()
-        tries.append(res)
-        foreign = float(res["cpu"]["foreign_pct"])  # type: ignore[index]
-        if foreign <= args.max_foreign or int(res["conns_lost"]):  # type: ignore[call-overload]
-            break
-        if i + 1 < args.attempts:
-            log(f"other processes used {foreign}% CPU during the window: measuring again")
-    best = min(tries, key=lambda r: float(r["cpu"]["foreign_pct"]))  # type: ignore[index]
-    best["attempts"] = [{"foreign_pct": r["cpu"]["foreign_pct"], "delivered_per_s": r["delivered_per_s"],  # type: ignore[index]
-                         "lost_events": r["lost_events"], "p99_ms": r["latency"].get("p99_ms")}  # type: ignore[union-attr]
-                        for r in tries]
-    return best
-
-
 def verdict(res: dict[str, object], max_p99_ms: float) -> list[str]:
     why = []
     if res["lost_events"]:
@@ -243,49 +229,111 @@ def verdict(res: dict[str, object], max_p99_ms: float) -> list[str]:
     return why
 
 
-async def setup(args: argparse.Namespace, tag: str, conns: int, topic: str, sample: int):  # type: ignore[no-untyped-def]
-    srv = server_for(args, tag)
-    admin = Admin(srv.admin_port)
-    clients = await Clients.start(srv.port, conns, args.procs, topic, sample, CLIENT_CORE)
-    st = await wait_streams(admin, clients.ok)
-    log(f"server streams_open={st['streams_open']} rss={srv.rss() / 2**20:.1f} MiB")
-    pub = Publisher(srv.port, args.pub_conns)
-    await pub.connect()
-    return srv, admin, clients, pub
+class Env:
+    """One gateway, its subscribers and a publisher, warmed up; rebuilt on demand."""
+
+    def __init__(self, args: argparse.Namespace, tag: str, conns: int, topic: str, sample: int,
+                 directed: bool = False) -> None:
+        self.args, self.tag, self.conns, self.topic, self.sample, self.directed = args, tag, conns, topic, sample, directed
+        self.srv: Server | None = None
+        self.admin: Admin | None = None
+        self.clients: Clients | None = None
+        self.pub: Publisher | None = None
+        self.problems: list[str] = []
+
+    async def open(self) -> Env:
+        args = self.args
+        self.srv = srv = server_for(args, self.tag)
+        self.admin = admin = Admin(srv.admin_port)
+        self.clients = clients = await Clients.start(srv.port, self.conns, args.procs, self.topic, self.sample,
+                                                     CLIENT_CORE)
+        st = await wait_streams(admin, clients.ok)
+        log(f"server streams_open={st['streams_open']} rss={srv.rss() / 2**20:.1f} MiB")
+        self.pub = Publisher(srv.port, args.pub_conns)
+        await self.pub.connect()
+        await (self._warm_directed() if self.directed else self._warm_fanout())
+        return self
+
+    async def _warm_fanout(self) -> None:
+        assert self.clients is not None and self.pub is not None
+        await self.clients.cmd("mark")
+        status, body = await self.pub.post(ticker_body(self.topic.encode())(1, 0)[0])
+        snap = await wait_delivered(self.clients, 1, timeout=60)
+        log(f"warm-up publish {status}: min {snap['min']} max {snap['max']} over {snap['open']} streams")
+        if status != 200 or int(snap["min"]) < 1:  # type: ignore[call-overload]
+            raise RuntimeError(f"warm-up event did not reach every subscriber: {status} {body[:200]!r} {snap}")
+
+    async def _warm_directed(self) -> None:
+        """One event to every topic, in batches of 1000."""
+        assert self.clients is not None and self.pub is not None
+        await self.clients.cmd("mark")
+        for lo in range(0, self.conns, 1000):
+            body = b"[" + b",".join(b'{"topic":"%s","data":{"t":%.6f,"w":1}}' % (self.topic.format(i=i).encode(),
+                                                                                 time.time())
+                                    for i in range(lo, min(self.conns, lo + 1000))) + b"]"
+            status, _ = await self.pub.post(body)
+            if status != 200:
+                raise RuntimeError(f"warm-up publish answered {status}")
+        snap = await wait_delivered(self.clients, 1, timeout=60)
+        log(f"warm-up: min {snap['min']} max {snap['max']} over {snap['open']} streams")
+        if int(snap["min"]) < 1:  # type: ignore[call-overload]
+            raise RuntimeError(f"warm-up events did not reach every subscriber: {snap}")
+
+    async def close(self) -> None:
+        if self.pub is not None:
+            self.pub.close()
+        if self.clients is not None:
+            await self.clients.quit()
+        if self.admin is not None:
+            self.admin.close()
+        if self.srv is not None:
+            self.srv.stop()
+            self.problems += self.srv.problems()
+        self.srv = self.admin = self.clients = self.pub = None  # type: ignore[assignment]
+
+    async def window(self, rate: float, make, directed_counts: list[int] | None = None) -> dict[str, object]:  # type: ignore[no-untyped-def]
+        assert self.srv and self.admin and self.clients and self.pub
+        return await window(self.srv, self.admin, self.clients, self.pub, rate, self.args.duration, make,
+                            self.clients.ok, directed_counts=directed_counts, quiet_wait=self.args.quiet_wait)
 
 
-async def teardown(srv: Server, admin: Admin, clients: Clients | None, pub: Publisher | None) -> list[str]:
-    if pub is not None:
-        pub.close()
-    if clients is not None:
-        await clients.quit()
-    admin.close()
-    srv.stop()
-    return srv.problems()
-
-
-async def warm_fanout(clients: Clients, pub: Publisher, topic: str) -> None:
-    await clients.cmd("mark")
-    status, body = await pub.post(ticker_body(topic.encode())(1, 0)[0])
-    snap = await wait_delivered(clients, 1, timeout=60)
-    log(f"warm-up publish {status}: min {snap['min']} max {snap['max']} over {snap['open']} streams")
-    if status != 200 or int(snap["min"]) < 1:  # type: ignore[call-overload]
-        raise RuntimeError(f"warm-up event did not reach every subscriber: {status} {body[:200]!r} {snap}")
+async def with_retries(env: Env, once) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """Measure ``once()`` up to ``--attempts`` times while processes that are not ours took
+    more than ``--max-foreign`` % CPU during the window; keep the least disturbed attempt.
+    An attempt that lost streams leaves the setup unusable: it is rebuilt before the next."""
+    args = env.args
+    tries: list[dict[str, object]] = []
+    for i in range(args.attempts):
+        res = await once()
+        tries.append(res)
+        foreign = float(res["cpu"]["foreign_pct"])  # type: ignore[index]
+        if foreign <= args.max_foreign or i + 1 == args.attempts:
+            break
+        log(f"processes not ours used {foreign}% CPU during the window: measuring again")
+        if int(res["conns_lost"]):  # type: ignore[call-overload]
+            await env.close()
+            await env.open()
+    best = min(tries, key=lambda r: float(r["cpu"]["foreign_pct"]))  # type: ignore[index]
+    best["attempts"] = [{"foreign_pct": r["cpu"]["foreign_pct"], "delivered_per_s": r["delivered_per_s"],  # type: ignore[index]
+                         "lost_events": r["lost_events"], "conns_lost": r["conns_lost"],
+                         "p99_ms": r["latency"].get("p99_ms")}  # type: ignore[union-attr]
+                        for r in tries]
+    return best
 
 
 # -- fanout -----------------------------------------------------------------------------
 
 
 async def cmd_fanout(args: argparse.Namespace) -> None:
-    srv, admin, clients, pub = await setup(args, f"fanout{args.rate}", args.subs, args.topic, args.sample)
+    # Parsing costs the client ~1 us per event: keep it within --parse-budget events/s.
+    k = max(args.min_sample, min(args.sample, int(args.parse_budget // args.rate)))
+    env = Env(args, f"fanout{args.rate:g}", args.subs, args.topic, k)
     try:
-        await warm_fanout(clients, pub, args.topic)
-        res = await with_retries(args, lambda: window(srv, admin, clients, pub, args.rate, args.duration,
-                                                      ticker_body(args.topic.encode()), clients.ok,
-                                                      quiet_wait=args.quiet_wait))
+        await env.open()
+        res = await with_retries(env, lambda: env.window(args.rate, ticker_body(args.topic.encode())))
     finally:
-        problems = await teardown(srv, admin, clients, pub)
-    res["server_log_problems"] = problems[:20]
+        await env.close()
+    res["server_log_problems"] = env.problems[:20]
     res["verdict"] = verdict(res, args.max_p99_ms) or "ok"
     emit("fanout", {"subs_requested": args.subs, "procs": args.procs, **res})
 
@@ -294,33 +342,40 @@ async def cmd_fanout(args: argparse.Namespace) -> None:
 
 
 async def cmd_maxrate(args: argparse.Namespace) -> None:
-    srv, admin, clients, pub = await setup(args, "maxrate", args.subs, args.topic, args.sample)
+    env = Env(args, "maxrate", args.subs, args.topic, args.sample)
     steps = []
     best = None
+    subs = 0
     try:
-        await warm_fanout(clients, pub, args.topic)
+        await env.open()
+        assert env.clients is not None
+        subs = env.clients.ok
         rate = args.start
         refined = False
         while rate <= args.max_rate:
             # Parse latency on fewer connections as the rate grows so that the client's own
             # parsing stays within --parse-budget events/s (counting covers every connection).
             k = max(args.min_sample, min(args.sample, args.parse_budget // rate))
-            await clients.cmd(f"sample {k}")
-            log(f"maxrate step {rate} msg/s, latency on {k} connections")
-            res = await with_retries(args, lambda rate=rate: window(srv, admin, clients, pub, rate, args.duration,
-                                                          ticker_body(args.topic.encode()), clients.ok,
-                                                          quiet_wait=args.quiet_wait))
+
+            async def once(rate: int = rate, k: int = k) -> dict[str, object]:
+                assert env.clients is not None
+                await env.clients.cmd(f"sample {k}")
+                log(f"maxrate step {rate} msg/s, latency on {k} connections")
+                return await env.window(rate, ticker_body(args.topic.encode()))
+
+            res = await with_retries(env, once)
             res["latency_sampled_conns"] = k
             why = verdict(res, args.max_p99_ms)
             res["verdict"] = why or "ok"
             steps.append(res)
             log(f"step {rate}: delivered {res['delivered_per_s']}/s lost {res['lost_events']} "
                 f"p99 {res['latency'].get('p99_ms')} ms cpu {res['cpu']} -> {why or 'ok'}")  # type: ignore[union-attr]
-            if int(res["conns_open"]) < clients.ok:  # type: ignore[call-overload]
-                break  # streams were lost: later steps would measure fewer subscribers
             if why:
                 if refined or best is None or not args.refine:
                     break
+                if int(res["conns_lost"]):  # type: ignore[call-overload]
+                    await env.close()
+                    await env.open()
                 # One step between the last good rate and the failed one (x1.5 the good one).
                 refined = True
                 rate = int(best["rate"] * 1.5)  # type: ignore[call-overload]
@@ -331,17 +386,22 @@ async def cmd_maxrate(args: argparse.Namespace) -> None:
                 rate *= 2
             await asyncio.sleep(1.0)
     finally:
-        problems = await teardown(srv, admin, clients, pub)
+        await env.close()
     summary = [{"rate": s["rate"], "achieved_rate": s["publisher"]["achieved_rate"],  # type: ignore[index]
-                "delivered_per_s": s["delivered_per_s"], "lost": s["lost_events"],
+                "expected_per_s": s["expected_per_s"], "delivered_per_s": s["delivered_per_s"],
+                "delivered_per_s_in_window": s["delivered_per_s_in_window"],
+                "lost": s["lost_events"], "conns_lost": s["conns_lost"],
                 "p50_ms": s["latency"].get("p50_ms"), "p99_ms": s["latency"].get("p99_ms"),  # type: ignore[union-attr]
-                "max_ms": s["latency"].get("max_ms"), "cpu_core_busy": s["cpu"]["core_busy_pct"],  # type: ignore[union-attr, index]
-                "cpu_proc": s["cpu"]["proc_pct"], "verdict": s["verdict"]} for s in steps]  # type: ignore[index]
+                "max_ms": s["latency"].get("max_ms"), "latency_sampled_conns": s["latency_sampled_conns"],  # type: ignore[union-attr]
+                "cpu_core_busy": s["cpu"]["core_busy_pct"], "cpu_proc": s["cpu"]["proc_pct"],  # type: ignore[index]
+                "foreign_pct": s["cpu"]["foreign_pct"], "server_loop_probe": s["server_loop_probe"],  # type: ignore[index]
+                "server_rss_mib": s["server_rss_mib"], "slow_closed": s["server"]["slow_closed"],  # type: ignore[index]
+                "verdict": s["verdict"]} for s in steps]
     emit("maxrate", {
-        "subs": clients.ok, "procs": args.procs, "step_duration_s": args.duration,
+        "subs": subs, "procs": args.procs, "step_duration_s": args.duration,
         "best_rate_msgs_per_s": best["rate"] if best else None,
         "best_delivered_per_s": best["delivered_per_s"] if best else None,
-        "best": best, "steps": summary, "server_log_problems": problems[:20],
+        "steps": summary, "best": best, "server_log_problems": env.problems[:20],
     })
 
 
@@ -350,33 +410,21 @@ async def cmd_maxrate(args: argparse.Namespace) -> None:
 
 async def cmd_directed(args: argparse.Namespace) -> None:
     fmt = args.topic_prefix + ".{i}"
-    srv, admin, clients, pub = await setup(args, "directed", args.topics, fmt, args.topics)
+    env = Env(args, "directed", args.topics, fmt, args.topics, directed=True)
+    counts = [0] * args.topics
+    rng = random.Random(args.seed)
+
+    async def once() -> dict[str, object]:
+        for i in range(len(counts)):
+            counts[i] = 0
+        return await env.window(args.rate, _tallying(args.topics, fmt, counts, rng), directed_counts=counts)
+
     try:
-        # Warm-up: one event to every topic, in batches.
-        await clients.cmd("mark")
-        for lo in range(0, args.topics, 1000):
-            hi = min(args.topics, lo + 1000)
-            body = b"[" + b",".join(b'{"topic":"%s","data":{"t":%.6f,"w":1}}' % (fmt.format(i=i).encode(), time.time())
-                                    for i in range(lo, hi)) + b"]"
-            status, _ = await pub.post(body)
-            if status != 200:
-                raise RuntimeError(f"warm-up publish answered {status}")
-        snap = await wait_delivered(clients, 1, timeout=60)
-        log(f"warm-up: min {snap['min']} max {snap['max']} over {snap['open']} streams")
-        counts = [0] * args.topics
-        rng = random.Random(args.seed)
-
-        async def once() -> dict[str, object]:
-            for i in range(len(counts)):
-                counts[i] = 0
-            return await window(srv, admin, clients, pub, args.rate, args.duration,
-                                _tallying(args.topics, fmt, counts, rng), clients.ok, directed_counts=counts,
-                                quiet_wait=args.quiet_wait)
-
-        res = await with_retries(args, once)
+        await env.open()
+        res = await with_retries(env, once)
     finally:
-        problems = await teardown(srv, admin, clients, pub)
-    res["server_log_problems"] = problems[:20]
+        await env.close()
+    res["server_log_problems"] = env.problems[:20]
     res["verdict"] = verdict(res, args.max_p99_ms) or "ok"
     emit("directed", {"topics": args.topics, "procs": args.procs, **res})
 
@@ -426,7 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subs", type=int, default=10_000)
     p.add_argument("--rate", type=float, default=100)
     p.add_argument("--duration", type=float, default=20)
-    p.add_argument("--sample", type=int, default=500, help="connections that parse every event's latency")
+    p.add_argument("--sample", type=int, default=500, help="most connections parsing every event's latency")
+    p.add_argument("--min-sample", type=int, default=20, help="fewest connections parsing latency")
+    p.add_argument("--parse-budget", type=int, default=100_000,
+                   help="events/s the client may parse for latency (sample = budget / rate, ~1 us each)")
     p.add_argument("--topic", default="ticker")
 
     p = sub.add_parser("maxrate", help="highest sustained fan-out rate with every event delivered")
@@ -439,8 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-refine", dest="refine", action="store_false",
                    help="do not try x1.5 the last good rate after the first failing step")
     p.add_argument("--min-sample", type=int, default=20, help="fewest connections parsing latency")
-    p.add_argument("--parse-budget", type=int, default=200_000,
-                   help="events/s the client may parse for latency (sample = budget / rate)")
+    p.add_argument("--parse-budget", type=int, default=100_000,
+                   help="events/s the client may parse for latency (sample = budget / rate, ~1 us each)")
     p.add_argument("--topic", default="ticker")
 
     p = sub.add_parser("directed", help="one topic per subscriber, random directed messages")

@@ -8,7 +8,6 @@ import json
 import time
 import uuid
 
-import pytest
 from harness import Gateway, Response, Stream
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -248,7 +247,8 @@ def test_publish_from_loopback_without_auth_is_allowed(gw: Gateway):
 
 def test_publish_via_trusted_proxy_for_remote_client_is_refused(gateway):
     """Without auth, /publish is for loopback only; behind a trusted local proxy the client is
-    the forwarded address, so a remote client must not be able to publish through it."""
+    the forwarded address, so a remote client must not be able to publish through it.
+    (Found as a bug -- the TCP peer was checked -- fixed in b03ea37.)"""
     g = gateway("--trusted-proxies", "127.0.0.1/32", "--drain-timeout", "1s")
     r = g.publish({"topic": "a.b", "data": 1}, xff("127.0.0.1"))
     assert r.status == 200, r  # a local client through the local proxy

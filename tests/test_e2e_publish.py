@@ -421,6 +421,28 @@ def test_keep_alive_pipelined_publishes(gw: Gateway) -> None:
     assert gw.wait_slots(0) == 0
 
 
+def test_chunked_request_body_and_http10_publisher(gw: Gateway) -> None:
+    t = new_topic()
+    body = json.dumps([{"topic": t, "data": "chunked"}]).encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        parts = [body[:7], body[7:]]
+        sock.sendall(b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                     + b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in parts) + b"0\r\n\r\n")
+        buf = bytearray()
+        ids = assert_ids(read_response(sock, buf), 1)
+        assert at_eof(sock, buf)
+    body10 = json.dumps({"topic": t, "data": "http/1.0"}).encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as sock:
+        sock.sendall(b"POST /publish HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body10), body10))
+        buf = bytearray()
+        ids += assert_ids(read_response(sock, buf), 1)
+        assert at_eof(sock, buf)  # HTTP/1.0 without keep-alive: closed after the answer
+    assert [(e.id, e.data) for e in history(gw, t)] == list(zip(ids, ["chunked", "http/1.0"], strict=True))
+    assert gw.wait_slots(0) == 0
+
+
 # -- CORS -------------------------------------------------------------------------------------------
 
 
@@ -441,6 +463,14 @@ def test_cors_preflight_allowed_origin(gw_cors: Gateway) -> None:
     assert "origin" in r.headers.get("vary", "").lower()
     assert int(r.headers["access-control-max-age"]) > 0
     assert "access-control-allow-credentials" not in r.headers  # cors_credentials is off
+    # the subscribe endpoint answers a preflight too (e.g. for a Last-Event-ID header)
+    r = g.request("OPTIONS", "/events?topic=x", headers={
+        "Origin": "https://a.example", "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "last-event-id"})
+    assert r.status == 204, r
+    assert r.headers["access-control-allow-origin"] == "https://a.example"
+    assert "GET" in [m.strip() for m in r.headers["access-control-allow-methods"].split(",")]
+    assert "last-event-id" in r.headers["access-control-allow-headers"].lower()
     assert g.wait_slots(0) == 0
 
 

@@ -574,10 +574,10 @@ def test_reset_after_history_ttl(gateway) -> None:  # noqa: ANN001
     assert g.wait_slots(0) == 0
 
 
-@pytest.mark.xfail(reason="BUG: expired history is only trimmed by the 1s sweep; coverage is checked before the "
-                          "lazy trim, so a resume in between gets neither replay nor ssegw.reset (silent gap)",
-                   strict=True)
 def test_no_silent_gap_right_after_history_ttl(gateway) -> None:  # noqa: ANN001
+    """Regression: coverage was checked before expired events were trimmed (they were only
+    trimmed by the periodic sweep), so a resume between expiry and the next sweep got neither
+    the missed event nor ssegw.reset."""
     g = gateway("--history-ttl", "1s", "--heartbeat-interval", "5s", "--flush-interval", "10ms")
 
     def topics_with_history() -> int:
@@ -604,9 +604,9 @@ def test_no_silent_gap_right_after_history_ttl(gateway) -> None:  # noqa: ANN001
     assert g.wait_slots(0) == 0
 
 
-@pytest.mark.xfail(reason="BUG: a stream opened between a publish and its (delayed) flush gets the event from "
-                          "replay and again from the flush (duplicate)", strict=True)
 def test_no_duplicate_for_stream_opened_before_flush(gateway) -> None:  # noqa: ANN001
+    """Regression: a stream opened between a publish and its (delayed) flush got the event
+    from the replay and again from the flush."""
     # flush_interval 1s and >64 subscribers make the gateway hold a flush back for up to 1s
     g = gateway("--flush-interval", "1s", "--heartbeat-interval", "5s")
     t = new_topic()

@@ -182,7 +182,9 @@ class Worker:
                 continue
             if p.state == STREAM:
                 self.set_deadline(p, now + int(random.uniform(0, drain_ms)), T_DRAIN)  # type: ignore[arg-type]
-            elif p.state == HEAD and p.line == 0:  # type: ignore[attr-defined]
+            elif p.state == HEAD and p.line == 0 and not p.admin:  # type: ignore[attr-defined]
+                # An idle public keep-alive connection; admin ones stay, so that a probe
+                # arriving now still gets its /readyz 503.
                 p.close()  # type: ignore[attr-defined]
         assert self.loop is not None
         self.loop.call_later(self.cfg.drain_timeout + 2.0, self._stop_now)

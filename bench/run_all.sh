@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The full-size runs, once each (about 15-25 minutes on the 2-core machine).
+# Results: one JSON line per command on stdout and in bench/results/<command>.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+$PY bench/run.py rss --conns 1000 15000
+for r in 10 100 1000; do
+  $PY bench/run.py fanout --subs 10000 --rate "$r" --duration 20
+done
+$PY bench/run.py maxrate --subs 10000
+$PY bench/run.py directed --topics 10000 --rate 2000 --duration 20
