@@ -93,7 +93,7 @@ class SnapshotCollector(Collector):
                 total_sum += h["sum"]  # type: ignore[index]
             cum = 0
             buckets = []
-            for b, c in zip(bounds, counts):
+            for b, c in zip(bounds, counts, strict=False):
                 cum += c
                 buckets.append((str(b), cum))
             cum += counts[-1]

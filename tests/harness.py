@@ -45,7 +45,7 @@ class Gateway:
         self.log: list[str] = []
         self._reader: threading.Thread | None = None
 
-    def start(self, timeout: float = 15.0) -> "Gateway":
+    def start(self, timeout: float = 15.0) -> Gateway:
         cmd = [sys.executable, "-m", "ssegw", "serve", "--port", "0", "--admin-port", "0", *self.args]
         if self.config is not None:
             assert self.tmp_path is not None
@@ -107,10 +107,10 @@ class Gateway:
     # -- HTTP helpers --------------------------------------------------------------
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-                admin: bool = False, timeout: float = 10.0) -> "Response":
+                admin: bool = False, timeout: float = 10.0) -> Response:
         return request(self.admin_port if admin else self.port, method, path, body, headers, timeout)
 
-    def publish(self, msgs: object, headers: dict[str, str] | None = None) -> "Response":
+    def publish(self, msgs: object, headers: dict[str, str] | None = None) -> Response:
         h = {"Content-Type": "application/json"}
         h.update(headers or {})
         return self.request("POST", "/publish", json.dumps(msgs).encode(), h)
@@ -138,10 +138,10 @@ class Gateway:
             time.sleep(0.05)
         return used
 
-    def stream(self, path: str, headers: dict[str, str] | None = None, timeout: float = 10.0) -> "Stream":
+    def stream(self, path: str, headers: dict[str, str] | None = None, timeout: float = 10.0) -> Stream:
         return Stream(self.port, path, headers, timeout)
 
-    def __enter__(self) -> "Gateway":
+    def __enter__(self) -> Gateway:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -196,7 +196,7 @@ def recv_all(sock: socket.socket, buf: bytearray, n: int | None, timeout: float)
         sock.settimeout(left)
         try:
             chunk = sock.recv(65536)
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             break
         if not chunk:
             break
@@ -338,7 +338,7 @@ class Stream:
             pass
         self.closed = True
 
-    def __enter__(self) -> "Stream":
+    def __enter__(self) -> Stream:
         return self
 
     def __exit__(self, *exc: object) -> None:

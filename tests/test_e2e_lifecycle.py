@@ -10,7 +10,6 @@ import threading
 import time
 import uuid
 
-import pytest
 from harness import Gateway, Stream, recv_all, request
 
 RETRY_MS = 3000  # the default `retry`

@@ -10,7 +10,6 @@ import asyncio
 
 import h11
 import orjson
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sse_parser import parse

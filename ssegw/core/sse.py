@@ -100,7 +100,7 @@ def encode_reset(topics: list[str], dumps: object = None) -> bytes:
     Topic names are validated ASCII without quotes or backslashes, so plain formatting is
     valid JSON.
     """
-    inner = ",".join('"%s"' % t for t in topics)
+    inner = ",".join(f'"{t}"' for t in topics)
     return b'event: ssegw.reset\ndata: {"topics":[' + inner.encode("ascii") + b"]}\n\n"
 
 

@@ -71,7 +71,7 @@ class Pattern:
                 return False
         elif len(segs) != n:
             return False
-        for want, got in zip(self.segments, segs):
+        for want, got in zip(self.segments, segs, strict=False):
             if want == "*":
                 continue
             if "{sub}" in want:

@@ -64,7 +64,7 @@ def _header(req: h11.Request, name: bytes) -> str | None:
     return None
 
 
-def handle(w: "Worker", p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
+def handle(w: Worker, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
     path, _, query = req.target.partition(b"?")
     method = req.method
     if p.admin:
@@ -97,7 +97,7 @@ def handle(w: "Worker", p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
 # -- CORS -------------------------------------------------------------------------------
 
 
-def cors_headers(w: "Worker", p: HTTPProtocol) -> list[tuple[bytes, bytes]]:
+def cors_headers(w: Worker, p: HTTPProtocol) -> list[tuple[bytes, bytes]]:
     origins = w.cfg.cors_origins
     req = p.req
     if not origins or req is None:
@@ -118,7 +118,7 @@ def cors_headers(w: "Worker", p: HTTPProtocol) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def preflight(w: "Worker", p: HTTPProtocol, req: h11.Request, methods: bytes) -> None:
+def preflight(w: Worker, p: HTTPProtocol, req: h11.Request, methods: bytes) -> None:
     hdrs = cors_headers(w, p)
     if hdrs:
         asked = _header(req, b"access-control-request-headers")
@@ -135,13 +135,13 @@ def preflight(w: "Worker", p: HTTPProtocol, req: h11.Request, methods: bytes) ->
 # -- subscribe --------------------------------------------------------------------------
 
 
-def _client_ip(w: "Worker", p: HTTPProtocol, req: h11.Request) -> str:
+def _client_ip(w: Worker, p: HTTPProtocol, req: h11.Request) -> str:
     if not w.cfg.trusted_proxies:
         return p.ip
     return client_ip(p.ip, _header(req, b"x-forwarded-for"), w.cfg.trusted_proxies)
 
 
-def parse_subscribe(w: "Worker", req: h11.Request, query: bytes) -> tuple[tuple[str, ...], str | None, str | None, str | None]:
+def parse_subscribe(w: Worker, req: h11.Request, query: bytes) -> tuple[tuple[str, ...], str | None, str | None, str | None]:
     """(topics, since, last_event_id, query_token) from a ``/events`` request; 400 if bad."""
     try:
         fields = parse_qsl(query.decode("latin-1"), keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS,
@@ -177,7 +177,7 @@ def parse_subscribe(w: "Worker", req: h11.Request, query: bytes) -> tuple[tuple[
     return tuple(topics), since, last_id, token
 
 
-def open_stream(w: "Worker", p: HTTPProtocol, req: h11.Request, query: bytes) -> None:
+def open_stream(w: Worker, p: HTTPProtocol, req: h11.Request, query: bytes) -> None:
     topics, since, last_id, qtoken = parse_subscribe(w, req, query)
     after = parse_id(last_id) if last_id is not None else None
     # Admission before token verification: a denied or rate-limited address must not be
@@ -214,7 +214,7 @@ def open_stream(w: "Worker", p: HTTPProtocol, req: h11.Request, query: bytes) ->
     task.add_done_callback(lambda t: _replayed(w, p, t, principal, cors))
 
 
-def _replayed(w: "Worker", p: HTTPProtocol, task: asyncio.Task, principal: object, cors: list) -> None:
+def _replayed(w: Worker, p: HTTPProtocol, task: asyncio.Task, principal: object, cors: list) -> None:
     if p.state == CLOSED:
         return
     exc = task.exception()
@@ -230,7 +230,7 @@ def _replayed(w: "Worker", p: HTTPProtocol, task: asyncio.Task, principal: objec
     _start(w, p, task.result(), principal, cors)
 
 
-def _start(w: "Worker", p: HTTPProtocol, replay: Replay, principal: object, cors: list) -> None:
+def _start(w: Worker, p: HTTPProtocol, replay: Replay, principal: object, cors: list) -> None:
     parts = [_OPEN_COMMENT, encode_retry(w.retry_ms)]
     if replay.reset:
         parts.append(encode_reset(replay.reset))
@@ -274,7 +274,7 @@ def _is_json(ctype: str | None) -> bool:
     return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
 
 
-def publish(w: "Worker", p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
+def publish(w: Worker, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
     ip = _client_ip(w, p, req)
     if not w.admission.ip_filter.allowed(ip):
         raise Forbidden("client address denied", code="ip_denied")
@@ -305,7 +305,7 @@ def publish(w: "Worker", p: HTTPProtocol, req: h11.Request, body: bytes) -> None
     task.add_done_callback(lambda t: _publish_done(w, p, t, len(msgs), cors))
 
 
-def _publish_done(w: "Worker", p: HTTPProtocol, task: asyncio.Task, n: int, cors: list) -> None:
+def _publish_done(w: Worker, p: HTTPProtocol, task: asyncio.Task, n: int, cors: list) -> None:
     exc = task.exception()
     if p.state == CLOSED:
         return
@@ -318,7 +318,7 @@ def _publish_done(w: "Worker", p: HTTPProtocol, task: asyncio.Task, n: int, cors
         p.respond(500, b'{"error":"internal","detail":"publish failed"}', close=True)
 
 
-def _published(w: "Worker", p: HTTPProtocol, ids: list[str], n: int, cors: list) -> None:
+def _published(w: Worker, p: HTTPProtocol, ids: list[str], n: int, cors: list) -> None:
     w.events_published += n
     w.publish_requests += 1
     p.respond(200, orjson.dumps({"ids": ids}), headers=cors)
@@ -334,7 +334,7 @@ def _is_loopback(ip: str) -> bool:
 _ADMIN_PATHS = (b"/healthz", b"/readyz", b"/metrics", b"/admin/stats")
 
 
-def _admin(w: "Worker", p: HTTPProtocol, req: h11.Request, path: bytes) -> None:
+def _admin(w: Worker, p: HTTPProtocol, req: h11.Request, path: bytes) -> None:
     if path not in _ADMIN_PATHS and not path.startswith(b"/admin/topics/"):
         raise NotFound(f"no such admin path: {path[:200].decode('latin-1')}")
     if req.method not in (b"GET", b"HEAD"):
@@ -377,7 +377,7 @@ def _admin(w: "Worker", p: HTTPProtocol, req: h11.Request, path: bytes) -> None:
         raise NotFound(f"no such admin path: {path[:200].decode('latin-1')}")
 
 
-def stats(w: "Worker") -> dict[str, object]:
+def stats(w: Worker) -> dict[str, object]:
     snap = w.snapshot()
     for k in ("hist_writes", "hist_events"):
         snap.pop(k, None)

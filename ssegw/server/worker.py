@@ -26,10 +26,10 @@ import time
 from collections.abc import Callable
 
 from ..config import Config
+from ..core.fanout import Fanout
 from ..core.history import Event
 from ..core.sse import HEARTBEAT, encode_retry
 from ..core.table import CLOSED, HEAD, STREAM, Table
-from ..core.fanout import Fanout
 from ..core.wheel import TimerWheel
 from ..metrics import FLUSH_EVENT_BUCKETS, FLUSH_WRITE_BUCKETS, Histogram
 from ..policy.auth import Authenticator
@@ -58,7 +58,7 @@ T_LIFETIME, T_EXPIRE, T_DRAIN = 4, 5, 6
 class Worker:
     T_LIFETIME, T_EXPIRE, T_DRAIN = T_LIFETIME, T_EXPIRE, T_DRAIN
 
-    def __init__(self, cfg: Config, broker: object, *, extra_startup: Callable[["Worker"], None] | None = None) -> None:
+    def __init__(self, cfg: Config, broker: object, *, extra_startup: Callable[[Worker], None] | None = None) -> None:
         self.cfg = cfg
         self.broker = broker
         self.loop: asyncio.AbstractEventLoop | None = None
