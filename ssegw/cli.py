@@ -30,14 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_broker(cfg: Config) -> object:
-    if cfg.redis:
-        raise ConfigError("redis", "redis: the Redis broker is not available in this build yet; leave redis empty "
-                                   "to use the embedded broker")
-    from .broker.memory import MemoryBroker
-
     def settings(topic: str) -> tuple[int, int]:
         _, size, ttl = cfg.topic_settings(topic)
         return size, int(ttl * 1000)
+
+    if cfg.redis:
+        from .broker.redis import RedisBroker
+
+        max_ttl = max([cfg.history_ttl] + [r.history_ttl for r in cfg.topics if r.history_ttl is not None])
+        return RedisBroker(cfg.redis, settings, int(max_ttl * 1000))
+    from .broker.memory import MemoryBroker
 
     return MemoryBroker(settings, lambda: time.time_ns() // 1_000_000)
 

@@ -39,8 +39,10 @@ class Broker(Protocol):
     #: A name for logs and /admin/stats ("memory", "redis").
     kind: str
 
-    async def start(self, deliver: Callable[[list[Event]], None]) -> None:
-        """Begin delivering events for topics of interest to ``deliver`` (in seq order)."""
+    async def start(self, deliver: Callable[[list[Event]], None],
+                    on_gap: Callable[[list[str] | None], None] | None = None) -> None:
+        """Begin delivering events for topics of interest to ``deliver`` (in seq order).
+        ``on_gap(topics)`` reports events lost beyond repair for those topics (None: all)."""
 
     async def close(self) -> None: ...
 

@@ -42,7 +42,9 @@ class MemoryBroker:
         self._deliver: Callable[[list[Event]], None] | None = None
         self.published = 0
 
-    async def start(self, deliver: Callable[[list[Event]], None]) -> None:
+    async def start(self, deliver: Callable[[list[Event]], None],
+                    on_gap: Callable[[list[str] | None], None] | None = None) -> None:
+        """``on_gap`` is never called: the embedded broker cannot lose events."""
         self._deliver = deliver
 
     async def close(self) -> None:

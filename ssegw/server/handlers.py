@@ -202,8 +202,7 @@ def open_stream(w: Worker, p: HTTPProtocol, req: h11.Request, query: bytes) -> N
     # Subscribe first and hold live events while the replay is fetched; the replay and the
     # held events are merged (duplicates removed by sequence) when the stream starts.
     p.paused = True
-    for t in w.table.subscribe(p, topics):
-        w.broker.interest(t, True)  # type: ignore[attr-defined]
+    w.subscribe(p, topics)
     cors = cors_headers(w, p)
     broker = w.broker
     replay_now = getattr(broker, "replay_now", None)
@@ -219,8 +218,7 @@ def _replayed(w: Worker, p: HTTPProtocol, task: asyncio.Task, principal: object,
         return
     exc = task.exception()
     if exc is not None:
-        p.paused = False
-        w.unsubscribe(p)
+        w.abandon_stream(p)
         if isinstance(exc, BrokerUnavailable):
             p.respond_error(Unavailable("history is unavailable, retry", headers=(("Retry-After", "1"),)))
         else:

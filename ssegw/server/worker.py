@@ -51,6 +51,9 @@ EAGER_WRITES = 64
 KEEPALIVE_IDLE_MS = 75_000
 #: Housekeeping period (history trimming, token-bucket pruning) in ticks.
 HOUSEKEEPING_TICKS = 20
+#: Streams closed because the broker lost events are closed over this window (ms), so their
+#: clients do not all reconnect in the same instant.
+GAP_CLOSE_SPREAD_MS = 2_000
 # Close-deadline kinds (wheel timer kinds beyond the protocol's).
 T_LIFETIME, T_EXPIRE, T_DRAIN = 4, 5, 6
 
@@ -113,6 +116,7 @@ class Worker:
         self.closed_expired = 0
         self.responses: dict[str, int] = {}  # by status code as text (JSON keys)
         self.slow_closed: dict[str, int] = {}
+        self.presence_dirty: set[str] = set()  # topics whose local subscriber count changed
         self.hist_writes = Histogram(FLUSH_WRITE_BUCKETS)
         self.hist_events = Histogram(FLUSH_EVENT_BUCKETS)
 
@@ -131,7 +135,7 @@ class Worker:
         cfg = self.cfg
         self.wheel = TimerWheel(TICK_MS, self.now_ms())
         self.stopping = loop.create_future()
-        await self.broker.start(self.on_events)  # type: ignore[attr-defined]
+        await self.broker.start(self.on_events, self.on_gap)  # type: ignore[attr-defined]
         if public_socks is None:
             public_socks = [bind_socket(cfg.host, cfg.port)]
         for s in public_socks:
@@ -236,9 +240,40 @@ class Worker:
         if self.draining:
             self._check_drained()
 
+    def subscribe(self, p: HTTPProtocol, topics: tuple[str, ...]) -> None:
+        for t in self.table.subscribe(p, topics):
+            self.broker.interest(t, True)  # type: ignore[attr-defined]
+        self.presence_dirty.update(p.topics)
+
     def unsubscribe(self, p: HTTPProtocol) -> None:
+        topics = p.topics
         for t in self.table.unsubscribe(p):
             self.broker.interest(t, False)  # type: ignore[attr-defined]
+        self.presence_dirty.update(topics)
+
+    def abandon_stream(self, p: HTTPProtocol) -> None:
+        """A stream that could not start (its replay failed): undo its subscription."""
+        if p.topics:
+            self.unsubscribe(p)
+        if p.held_ip:
+            p.held_ip = False
+            self.admission.per_ip.release(p.ip)
+        p.paused = False
+        p.pending = None
+        p.pending_bytes = 0
+        p.floor = None
+
+    def on_gap(self, topics: list[str] | None) -> None:
+        """The broker lost events it cannot fill (history too short, or Redis lost its data):
+        close the affected streams, spread over a couple of seconds, so that their clients
+        resume from their last id and get ``ssegw.reset`` instead of a silent gap."""
+        now = self.now_ms()
+        wanted = None if topics is None else set(topics)
+        for p in self.table.records:
+            if p is None or p.state != STREAM:
+                continue
+            if wanted is None or any(t in wanted for t in p.topics):
+                self.set_deadline(p, now + int(random.uniform(0, GAP_CLOSE_SPREAD_MS)), T_DRAIN)  # type: ignore[arg-type]
 
     def _detach(self, p: HTTPProtocol) -> None:
         if p.topics:
@@ -372,6 +407,11 @@ class Worker:
         self.tick_count += 1
         if self.tick_count % HOUSEKEEPING_TICKS == 0:
             self.broker.tick(now)  # type: ignore[attr-defined]
+            if self.presence_dirty:
+                dirty, self.presence_dirty = self.presence_dirty, set()
+                presence = getattr(self.broker, "presence", None)
+                if presence is not None:
+                    presence({t: self.table.subscribers(t) for t in dirty})
             rate = self.admission.rate
             if rate is not None:
                 rate.prune(now)

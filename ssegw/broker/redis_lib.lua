@@ -1,0 +1,169 @@
+#!lua name=ssegw
+--[[
+ssegw's Redis Function library: sequence + history append + fan-out in one atomic step, and
+the matching read side for resume.  Loaded by every worker with FUNCTION LOAD REPLACE, so a
+backend service can publish with FCALL without knowing any script SHA (README "Publishing
+straight into Redis").
+
+Key layout for shard S (one Redis = shard 0; the hash tag keeps a shard's keys in one slot):
+  {ssegw:S}:seq        INCR counter: the shard's sequence, shared by all its topics
+  {ssegw:S}:epoch      this incarnation of the sequence (created once; a Redis that lost
+                       its data gets a new one, and old ids become unplaceable -> reset)
+  {ssegw:S}:clock      ZSET member=seq score=ms, one sample per second: "the sequence at
+                       time T", used to trim by age and to place ids for expired topics
+  {ssegw:S}:h:TOPIC    STREAM of the topic's history; entry id = SEQ-0,
+                       fields b=body (event/data lines), t=ms, k=key (optional)
+Channel: {ssegw:S}:c:TOPIC, payload "SEQ:MS:KLEN:" .. key .. body (KLEN -1 = no key).
+
+Coverage ("is every event of TOPIC after seq X still here?"): a stream's
+max-deleted-entry-id is the highest trimmed seq; entries older than the topic's ttl count as
+trimmed; a stream created anew gets MAXDELETEDID = the clock's seq at (now - ttl), since
+anything an expired incarnation held was older than that.
+]]
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function b36(n)
+  local digits = '0123456789abcdefghijklmnopqrstuvwxyz'
+  local s = ''
+  n = math.floor(n)
+  repeat
+    local d = n % 36
+    s = string.sub(digits, d + 1, d + 1) .. s
+    n = math.floor(n / 36)
+  until n == 0
+  return s
+end
+
+-- The shard's sequence number at time `at` (0 if the clock has no sample that old).
+local function seq_at(clock, at)
+  local r = redis.call('ZREVRANGEBYSCORE', clock, at, '-inf', 'LIMIT', 0, 1)
+  if r[1] then return tonumber(r[1]) end
+  return 0
+end
+
+local function epoch_of(key, now)
+  local e = redis.call('GET', key)
+  if not e then
+    local t = redis.call('TIME')
+    e = b36(now) .. b36(tonumber(t[2]) % 1000)
+    redis.call('SET', key, e)
+  end
+  return e
+end
+
+-- KEYS: seq, epoch, clock, then one stream key per message
+-- ARGV: n, clock_retention_ms, then per message: channel, key, has_key, body, maxlen, ttl_ms
+-- returns {epoch, seq1, ..., seqN}
+local function publish(keys, args)
+  local n = tonumber(args[1])
+  local retention = tonumber(args[2])
+  local now = now_ms()
+  local epoch = epoch_of(keys[2], now)
+  local out = {epoch}
+  local clock = keys[3]
+  for i = 1, n do
+    local base = 2 + (i - 1) * 6
+    local channel, key, has_key, body = args[base + 1], args[base + 2], args[base + 3], args[base + 4]
+    local maxlen, ttl = tonumber(args[base + 5]), tonumber(args[base + 6])
+    local skey = keys[3 + i]
+    local seq = redis.call('INCR', keys[1])
+    local id = seq .. '-0'
+    local fresh = redis.call('EXISTS', skey) == 0
+    if has_key == '1' then
+      redis.call('XADD', skey, 'MAXLEN', '=', maxlen, id, 'b', body, 't', now, 'k', key)
+    else
+      redis.call('XADD', skey, 'MAXLEN', '=', maxlen, id, 'b', body, 't', now)
+    end
+    if fresh then
+      local floor = 0
+      if ttl > 0 then floor = seq_at(clock, now - ttl) end
+      redis.call('XSETID', skey, id, 'MAXDELETEDID', floor .. '-0')
+    end
+    if ttl > 0 then
+      local old = seq_at(clock, now - ttl)
+      if old > 0 then redis.call('XTRIM', skey, 'MINID', (old + 1) .. '-0') end
+      redis.call('PEXPIRE', skey, ttl + 60000)
+    end
+    local klen = -1
+    if has_key == '1' then klen = string.len(key) end
+    local payload = seq .. ':' .. now .. ':' .. klen .. ':' .. (has_key == '1' and key or '') .. body
+    if args[base + 1] ~= '' then
+      redis.call('PUBLISH', channel, payload)
+    end
+    out[i + 1] = seq
+  end
+  local last = redis.call('ZREVRANGE', clock, 0, 0, 'WITHSCORES')
+  if not last[2] or now - tonumber(last[2]) >= 1000 then
+    redis.call('ZADD', clock, now, out[n + 1])
+    redis.call('ZREMRANGEBYSCORE', clock, '-inf', now - retention)
+  end
+  return out
+end
+
+local function max_deleted(skey)
+  local info = redis.call('XINFO', 'STREAM', skey)
+  for i = 1, #info, 2 do
+    if info[i] == 'max-deleted-entry-id' then
+      return tonumber(string.match(info[i + 1], '^(%d+)'))
+    end
+  end
+  return 0
+end
+
+-- KEYS: seq, epoch, clock, then one stream key per topic
+-- ARGV: mode ('after' | 'last' | 'earliest'), after_seq, then one ttl_ms per topic
+-- returns {epoch, head, now, r1, ..., rN}; ri = {covered (1/0), seq, ms, key|false, body, ...}
+local function replay(keys, args)
+  local mode, after = args[1], tonumber(args[2])
+  local now = now_ms()
+  -- Read-only (runs on replicas too): no epoch yet means nothing was ever published.
+  local epoch = redis.call('GET', keys[2]) or ''
+  local head = tonumber(redis.call('GET', keys[1]) or '0')
+  local out = {epoch, head, now}
+  for i = 4, #keys do
+    local skey, ttl = keys[i], tonumber(args[i - 1])
+    local horizon = 0
+    if ttl > 0 then horizon = now - ttl end
+    local r = {1}
+    if redis.call('EXISTS', skey) == 0 then
+      if mode == 'after' and ttl > 0 and after < seq_at(keys[3], horizon) then r[1] = 0 end
+    else
+      local entries
+      if mode == 'after' then
+        if after < max_deleted(skey) then r[1] = 0 end
+        entries = redis.call('XRANGE', skey, '(' .. after .. '-0', '+')
+      elseif mode == 'last' then
+        entries = redis.call('XREVRANGE', skey, '+', '-', 'COUNT', 1)
+      else
+        entries = redis.call('XRANGE', skey, '-', '+')
+      end
+      if r[1] == 1 then
+        for _, e in ipairs(entries) do
+          local f = e[2]
+          local fields = {}
+          for j = 1, #f, 2 do fields[f[j]] = f[j + 1] end
+          local ms = tonumber(fields['t'])
+          if ms < horizon then
+            -- older than the topic's ttl: as good as trimmed
+            if mode == 'after' then r = {0}; break end
+          else
+            local s = tonumber(string.match(e[1], '^(%d+)'))
+            r[#r + 1] = s
+            r[#r + 1] = ms
+            r[#r + 1] = fields['k'] or false
+            r[#r + 1] = fields['b']
+          end
+        end
+      end
+    end
+    out[#out + 1] = r
+  end
+  return out
+end
+
+redis.register_function('ssegw_publish', publish)
+redis.register_function{function_name = 'ssegw_replay', callback = replay, flags = {'no-writes'}}
