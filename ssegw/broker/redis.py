@@ -266,7 +266,7 @@ class RedisBroker:
         if futs:
             try:
                 await asyncio.wait_for(asyncio.gather(*futs), COMMAND_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise BrokerUnavailable("redis did not confirm the subscription") from None
 
     def _confirm(self, topic: str) -> None:
