@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import socket
 import sys
 import time
 
@@ -44,18 +46,37 @@ def make_broker(cfg: Config) -> object:
     return MemoryBroker(settings, lambda: time.time_ns() // 1_000_000)
 
 
-def serve(cfg: Config) -> int:
-    if cfg.workers != 1 and not cfg.redis:
-        raise ConfigError(
-            "workers",
-            f"workers: {cfg.workers} workers need a broker that spans processes (set redis); "
-            "the embedded broker serves one process (workers = 1)",
-        )
-    broker = make_broker(cfg)
+def serve(cfg: Config, argv: list[str]) -> int:
+    """Run one worker (``workers = 1``), a worker under a supervisor (the supervisor set
+    ``SSEGW__LISTEN_FD``), or a supervisor of N workers."""
+    from .supervisor import ENV_CONTROL, ENV_FD
+
+    fd = os.environ.pop(ENV_FD, None)
+    control = os.environ.pop(ENV_CONTROL, None)
+    if fd is not None:
+        return _run_worker(cfg, socket.socket(fileno=int(fd)), control)
+    if cfg.workers != 1:
+        if not cfg.redis:
+            raise ConfigError(
+                "workers",
+                f"workers: {cfg.workers} workers need a broker that spans processes (set redis); "
+                "the embedded broker serves one process (workers = 1)",
+            )
+        return _run_supervisor(cfg, argv)
+    return _run_worker(cfg, None, None)
+
+
+def _event_loop_run(main: object) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a hard dependency on Linux
-        uvloop = None
+        asyncio.run(main)  # type: ignore[arg-type]
+        return
+    uvloop.run(main)  # type: ignore[arg-type]
+
+
+def _run_worker(cfg: Config, sock: socket.socket | None, control: str | None) -> int:
+    broker = make_broker(cfg)
     from .server.worker import Worker
 
     def startup(w: Worker) -> None:
@@ -70,18 +91,57 @@ def serve(cfg: Config) -> int:
         raise ConfigError("auth", f"auth: {e}") from None
 
     async def run() -> None:
-        await worker.start()
+        if sock is not None:
+            worker.parent_pid = os.getppid()
+            sock.setblocking(False)
+        await worker.start(public_socks=[sock] if sock is not None else None, control_path=control)
         worker.install_signals()
         pub, adm = worker.bound_ports()
-        log.info("ssegw %s serving on http://%s:%d (admin http://%s:%d), broker %s%s", __version__,
-                 cfg.host, pub, cfg.admin_host, adm, broker.kind, ", demo on /" if cfg.demo else "")  # type: ignore[attr-defined]
+        if control is None:
+            log.info("ssegw %s serving on http://%s:%d (admin http://%s:%d), broker %s%s", __version__,
+                     cfg.host, pub, cfg.admin_host, adm, broker.kind,  # type: ignore[attr-defined]
+                     ", demo on /" if cfg.demo else "")
+        else:
+            log.info("worker %d serving on port %d, broker %s", os.getpid(), pub, broker.kind)  # type: ignore[attr-defined]
         await worker.wait_stopped()
         log.info("stopped")
 
-    if uvloop is not None:
-        uvloop.run(run())
-    else:
-        asyncio.run(run())
+    _event_loop_run(run())
+    return 0
+
+
+def _run_supervisor(cfg: Config, argv: list[str]) -> int:
+    from .broker.memory import MemoryBroker
+    from .server.sockets import bind_socket
+    from .server.worker import Worker
+    from .supervisor import Supervisor
+
+    bound: list[int] = []
+
+    def listen() -> socket.socket:
+        s = bind_socket(cfg.host, bound[0] if bound else cfg.port, reuse_port=True)
+        if not bound:
+            bound.append(s.getsockname()[1])
+        return s
+
+    async def run() -> None:
+        sup = Supervisor(cfg, argv, listen)
+        # The supervisor's own admin listener: the usual admin routes, answered by asking
+        # the workers (Supervisor implements the same admin source as a worker).
+        admin = Worker(cfg, MemoryBroker(lambda t: (0, 0), lambda: 0))
+        admin.admin_source = sup
+        await admin.start(public_socks=[])
+        await sup.start()
+        asyncio.get_running_loop().create_task(sup.refresh_ready())
+        _, adm = admin.bound_ports()
+        log.info("ssegw %s serving on http://%s:%d (admin http://%s:%d), broker redis, %d workers", __version__,
+                 cfg.host, bound[0], cfg.admin_host, adm, sup.n)
+        await sup.wait()
+        admin._stop_now()
+        await admin.wait_stopped()
+        log.info("stopped")
+
+    _event_loop_run(run())
     return 0
 
 
@@ -97,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = load(args)
         logging.getLogger().setLevel(cfg.log_level.upper())
-        return serve(cfg)
+        return serve(cfg, list(argv if argv is not None else sys.argv[1:])[1:])
     except ConfigError as e:
         print(f"ssegw: config error: {e}", file=sys.stderr)
         return 2

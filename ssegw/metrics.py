@@ -47,6 +47,14 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("ssegw_protocol_errors", "counter", "Malformed requests (garbage, oversized heads).", "protocol_errors"),
     ("ssegw_streams_closed_lifetime", "counter", "Streams closed by max_lifetime.", "closed_lifetime"),
     ("ssegw_streams_closed_expired", "counter", "Streams closed because their token expired.", "closed_expired"),
+    ("ssegw_broker_up", "gauge", "Workers whose broker is reachable (Redis up).", "broker_up"),
+    ("ssegw_broker_reconnects", "counter", "Broker (Redis) reconnects.", "broker_reconnects"),
+    ("ssegw_broker_publish_errors", "counter", "Publishes the broker could not accept (answered 503).", "broker_publish_errors"),
+    ("ssegw_broker_gap_fills", "counter", "Gap fills from history after a broker reconnect.", "broker_gap_fills"),
+    ("ssegw_broker_gap_events", "counter", "Events delivered by gap fills.", "broker_gap_events"),
+    ("ssegw_broker_gaps_lost", "counter", "Gaps history could not fill (streams closed to resume).", "broker_gap_lost"),
+    ("ssegw_workers", "gauge", "Worker processes running (1 without a supervisor).", "workers"),
+    ("ssegw_worker_restarts", "counter", "Workers restarted by the supervisor after a crash.", "worker_restarts"),
 )
 
 LABELLED: tuple[tuple[str, str, str, str], ...] = (

@@ -34,3 +34,13 @@ def gateway(tmp_path):
             g.stop(timeout=20)
         except Exception:
             g.kill()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A fresh redis-server on a free port, killed at the end of the test."""
+    from redis_harness import RedisServer
+
+    r = RedisServer(tmp_path / "redis").start()
+    yield r
+    r.stop()

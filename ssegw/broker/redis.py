@@ -346,8 +346,8 @@ class RedisBroker:
         for t in topics:
             self._confirm(t)
         await self._fill_gap(client, topics)
-        if self.reconnects or self.last_seq:
-            log.info("redis connected (%d topics resubscribed)", len(topics))
+        if self.reconnects:
+            log.info("redis reconnected (%d topics resubscribed)", len(topics))
         self.reconnects += 1
         self.up = True
         if self._housekeeping is None or self._housekeeping.done():

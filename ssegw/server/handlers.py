@@ -329,7 +329,33 @@ def _is_loopback(ip: str) -> bool:
 # -- admin ------------------------------------------------------------------------------
 
 
-_ADMIN_PATHS = (b"/healthz", b"/readyz", b"/metrics", b"/admin/stats")
+_ADMIN_PATHS = (b"/healthz", b"/readyz", b"/metrics", b"/admin/stats", b"/internal/snapshot")
+
+
+class LocalAdmin:
+    """What the admin routes report for one worker serving its own admin listener.  A
+    supervisor provides the same four methods, aggregated over its workers."""
+
+    def __init__(self, w: Worker) -> None:
+        self.w = w
+
+    def ready(self) -> tuple[bool, str]:
+        w = self.w
+        if w.draining:
+            return False, "draining"
+        if not w.broker.ready():  # type: ignore[attr-defined]
+            return False, "broker unavailable"
+        return True, "ready"
+
+    async def snapshots(self) -> list[dict[str, object]]:
+        return [snapshot(self.w)]
+
+    async def stats(self) -> list[dict[str, object]]:
+        return [stats(self.w)]
+
+    async def subscribers(self, topic: str) -> int:
+        w = self.w
+        return await w.broker.subscribers(topic, w.table.subscribers(topic))  # type: ignore[attr-defined, no-any-return]
 
 
 def _admin(w: Worker, p: HTTPProtocol, req: h11.Request, path: bytes) -> None:
@@ -337,42 +363,65 @@ def _admin(w: Worker, p: HTTPProtocol, req: h11.Request, path: bytes) -> None:
         raise NotFound(f"no such admin path: {path[:200].decode('latin-1')}")
     if req.method not in (b"GET", b"HEAD"):
         raise MethodNotAllowed("admin endpoints are read-only: use GET", headers=(("Allow", "GET, HEAD"),))
+    source = w.admin_source
     if path == b"/healthz":
         p.respond_json(200, {"status": "ok"})
     elif path == b"/readyz":
-        ready = not w.draining and w.broker.ready()  # type: ignore[attr-defined]
-        if ready:
-            p.respond_json(200, {"status": "ready"})
-        else:
-            reason = "draining" if w.draining else "broker unavailable"
+        ready, reason = source.ready()
+        if not ready:
             raise Unavailable(reason, code="not_ready")
+        p.respond_json(200, {"status": "ready"})
     elif path == b"/metrics":
-        registry = getattr(w, "_registry", None)
-        if registry is None:
-            registry = w._registry = make_registry(lambda: [w.snapshot()])  # type: ignore[attr-defined]
-        p.respond(200, render(registry), content_type=CONTENT_TYPE.encode())
+        async def metrics() -> None:
+            snaps = await source.snapshots()
+            p.respond(200, render(make_registry(lambda: snaps)), content_type=CONTENT_TYPE.encode())
+
+        _later(p, metrics())
+    elif path == b"/internal/snapshot":
+        p.respond_json(200, snapshot(w))
     elif path == b"/admin/stats":
-        p.respond_json(200, {"workers": [stats(w)]})
-    elif path.startswith(b"/admin/topics/"):
+        async def all_stats() -> None:
+            p.respond_json(200, {"workers": await source.stats()})
+
+        _later(p, all_stats())
+    else:
         try:
             name = unquote(path[len(b"/admin/topics/"):].decode("latin-1"), errors="strict")
         except UnicodeDecodeError:
             raise BadRequest("topic name is not valid percent-encoded UTF-8", code="bad_topic") from None
         validate_topic(name)
-        local = w.table.subscribers(name)
-        task = asyncio.get_running_loop().create_task(w.broker.subscribers(name, local))  # type: ignore[attr-defined]
 
-        def done(t: asyncio.Task) -> None:
-            if p.state == CLOSED:
-                return
-            if t.exception() is not None:
-                p.respond_error(Unavailable("broker unavailable", headers=(("Retry-After", "1"),)))
-            else:
-                p.respond_json(200, {"topic": name, "subscribers": t.result()})
+        async def topic() -> None:
+            p.respond_json(200, {"topic": name, "subscribers": await source.subscribers(name)})
 
-        task.add_done_callback(done)
-    else:
-        raise NotFound(f"no such admin path: {path[:200].decode('latin-1')}")
+        _later(p, topic())
+
+
+def _later(p: HTTPProtocol, coro: object) -> None:
+    """Run an admin answer that needs a round trip (broker, workers); errors become 503."""
+    task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+
+    def done(t: asyncio.Task) -> None:
+        exc = t.exception()
+        if exc is None or p.state == CLOSED:
+            return
+        if isinstance(exc, (BrokerUnavailable, OSError, asyncio.TimeoutError)):
+            p.respond_error(Unavailable(f"unavailable: {exc}", headers=(("Retry-After", "1"),)))
+        else:
+            log.error("admin request failed", exc_info=exc)
+            p.respond(500, b'{"error":"internal","detail":"admin request failed"}', close=True)
+
+    task.add_done_callback(done)
+
+
+def snapshot(w: Worker) -> dict[str, object]:
+    """The worker's counters for /metrics, with the broker's folded in."""
+    snap = w.snapshot()
+    b = w.broker.stats()  # type: ignore[attr-defined]
+    snap["broker_up"] = 1 if w.broker.ready() else 0  # type: ignore[attr-defined]
+    for k in ("reconnects", "publish_errors", "gap_fills", "gap_events", "gap_lost"):
+        snap["broker_" + k] = b.get(k, 0)
+    return snap
 
 
 def stats(w: Worker) -> dict[str, object]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import signal
 import socket
@@ -88,6 +89,9 @@ class Worker:
         self.servers: list[asyncio.AbstractServer] = []
         self.admin_servers: list[asyncio.AbstractServer] = []
         self.extra_startup = extra_startup
+        self.parent_pid = 0  # set under a supervisor: drain if it disappears
+        # What the admin routes report: this worker, or (in a supervisor) all workers.
+        self.admin_source: object = handlers.LocalAdmin(self)
         self.started_at = time.time()
         # Flush scheduling.
         self.flush_handle: asyncio.Handle | None = None
@@ -129,8 +133,16 @@ class Worker:
     # -- start / stop -----------------------------------------------------------------
 
     async def start(self, public_socks: list[socket.socket] | None = None,
-                    admin_socks: list[socket.socket] | None = None) -> None:
-        """Bind (or adopt) the listeners and start serving.  Does not wait."""
+                    admin_socks: list[socket.socket] | None = None, control_path: str | None = None) -> None:
+        """Bind (or adopt) the listeners and start serving.  Does not wait.
+
+        Args:
+            public_socks: listening sockets to adopt (a supervisor's slot socket); None binds
+                ``host:port``; an empty list serves no public listener (a supervisor's admin).
+            admin_socks: likewise for the admin listener.
+            control_path: serve the admin routes on this unix socket instead of TCP (a
+                worker under a supervisor).
+        """
         loop = self.loop = asyncio.get_running_loop()
         cfg = self.cfg
         self.wheel = TimerWheel(TICK_MS, self.now_ms())
@@ -140,17 +152,23 @@ class Worker:
             public_socks = [bind_socket(cfg.host, cfg.port)]
         for s in public_socks:
             self.servers.append(await loop.create_server(lambda: HTTPProtocol(self, False), sock=s, backlog=4096))
-        if admin_socks is None and cfg.admin_port >= 0:
-            admin_socks = [bind_socket(cfg.admin_host, cfg.admin_port)]
-        for s in admin_socks or ():
-            self.admin_servers.append(await loop.create_server(lambda: HTTPProtocol(self, True), sock=s))
+        if control_path is not None:
+            self.admin_servers.append(await loop.create_unix_server(lambda: HTTPProtocol(self, True), path=control_path))
+        else:
+            if admin_socks is None:
+                admin_socks = [bind_socket(cfg.admin_host, cfg.admin_port)]
+            for s in admin_socks:
+                self.admin_servers.append(await loop.create_server(lambda: HTTPProtocol(self, True), sock=s))
         loop.call_at(loop.time() + TICK_MS / 1000, self._tick)
         if self.extra_startup is not None:
             self.extra_startup(self)
 
     def bound_ports(self) -> tuple[int, int]:
         pub = self.servers[0].sockets[0].getsockname()[1] if self.servers else 0
-        adm = self.admin_servers[0].sockets[0].getsockname()[1] if self.admin_servers else 0
+        adm = 0
+        if self.admin_servers:
+            name = self.admin_servers[0].sockets[0].getsockname()
+            adm = name[1] if isinstance(name, tuple) else 0
         return pub, adm
 
     def install_signals(self) -> None:
@@ -406,6 +424,9 @@ class Worker:
                 log.exception("timer callback failed")
         self.tick_count += 1
         if self.tick_count % HOUSEKEEPING_TICKS == 0:
+            if self.parent_pid and os.getppid() != self.parent_pid and not self.draining:
+                log.error("supervisor %d is gone: draining", self.parent_pid)
+                self.drain()
             self.broker.tick(now)  # type: ignore[attr-defined]
             if self.presence_dirty:
                 dirty, self.presence_dirty = self.presence_dirty, set()
@@ -453,6 +474,7 @@ class Worker:
     def snapshot(self) -> dict[str, object]:
         st = self.fanout.stats
         return {
+            "workers": 1,
             "connections_open": self.connections_open,
             "streams_open": self.table.streams,
             "slots_in_use": len(self.table),
