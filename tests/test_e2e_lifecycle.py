@@ -193,8 +193,11 @@ def test_drain_logs_no_errors(gateway):
 
 def test_drain_keeps_admin_connections_that_have_not_sent_yet(gateway):
     g = gateway("--drain-timeout", "2s")
-    stream = g.stream(f"/events?topic={uniq('adm')}")  # keeps the drain (and the process) going
-    assert stream.status == 200
+    # Streams keep the drain (and the process) going; closes are spread uniformly over the
+    # 2 s window, so with 20 of them one outlives the probe below (P(all < 0.3 s) ~ 1e-17).
+    topic = uniq("adm")
+    streams = [g.stream(f"/events?topic={topic}") for _ in range(20)]
+    assert all(st.status == 200 for st in streams)
     probe = socket.create_connection(("127.0.0.1", g.admin_port), timeout=3)
     try:
         time.sleep(0.1)  # accepted, nothing sent yet (a probe's request still in flight)
@@ -205,7 +208,8 @@ def test_drain_keeps_admin_connections_that_have_not_sent_yet(gateway):
         assert data.startswith(b"HTTP/1.1 503 "), data
     finally:
         probe.close()
-        stream.close()
+        for st in streams:
+            st.close()
         assert wait_exit(g, 4) == 0
 
 

@@ -55,6 +55,8 @@ HOUSEKEEPING_TICKS = 20
 #: Streams closed because the broker lost events are closed over this window (ms), so their
 #: clients do not all reconnect in the same instant.
 GAP_CLOSE_SPREAD_MS = 2_000
+#: Bounds on the dead-peer / write-stall timeout (2 x heartbeat_interval, clamped).
+DEAD_PEER_MIN_MS, DEAD_PEER_MAX_MS = 5_000, 120_000
 # Close-deadline kinds (wheel timer kinds beyond the protocol's).
 T_LIFETIME, T_EXPIRE, T_DRAIN = 4, 5, 6
 
@@ -104,6 +106,9 @@ class Worker:
         self.hb_ms = int(cfg.heartbeat_interval * 1000)
         self.head_ms = int(cfg.head_timeout * 1000)
         self.idle_ms = max(KEEPALIVE_IDLE_MS, self.head_ms)
+        # A peer is presumed dead when what we sent stays unacknowledged this long, and a
+        # paused "drop" stream is closed when it could not be written to this long.
+        self.dead_ms = min(max(2 * self.hb_ms, DEAD_PEER_MIN_MS), DEAD_PEER_MAX_MS)
         self.tick_count = 0
         # Counters (plain ints; read by metrics at scrape time).
         self.connections_open = 0
@@ -242,6 +247,29 @@ class Worker:
         # Bound what one socket can buffer in user space before pause_writing: small
         # enough that max_buffer, not the transport, holds a slow client's backlog.
         p.transport.set_write_buffer_limits(high=min(64 * 1024, self.cfg.max_buffer // 2))  # type: ignore[attr-defined]
+        if not p.admin:
+            self._dead_peer_options(p)
+
+    def _dead_peer_options(self, p: HTTPProtocol) -> None:
+        """Make the kernel notice a peer that vanished without FIN or RST.
+
+        Heartbeats keep data in flight on every stream at least every heartbeat_interval;
+        TCP_USER_TIMEOUT aborts the connection when data stays unacknowledged for
+        ``dead_ms``, so a black-holed client is gone within heartbeat_interval + dead_ms.
+        Keepalive probes cover connections with nothing in flight (a request being read).
+        """
+        sock = p.transport.get_extra_info("socket")  # type: ignore[attr-defined]
+        if sock is None:
+            return
+        idle = max(1, self.hb_ms // 1000)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 3))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self.dead_ms)
+        except (OSError, AttributeError):  # not TCP (tests over unix sockets) or not Linux
+            pass
 
     def on_closing(self, p: HTTPProtocol) -> None:
         if self.in_flush:
@@ -317,6 +345,10 @@ class Worker:
         """Slow-consumer verdict from the fan-out: close at once, discarding its backlog."""
         self.slow_closed[reason] = self.slow_closed.get(reason, 0) + 1
         p.abort()  # type: ignore[attr-defined]
+
+    def _all_conflate(self, p: HTTPProtocol) -> bool:
+        topics = self.table.topics
+        return all((ts := topics.get(t)) is not None and ts.conflate for t in p.topics)
 
     def arm_idle(self, p: HTTPProtocol) -> None:
         wheel = self.wheel
@@ -445,10 +477,16 @@ class Worker:
         if kind == T_HEARTBEAT:
             if p.timer is not t or p.state != STREAM:
                 return
-            if not p.paused and now - p.last_write_ms >= self.hb_ms - TICK_MS:
-                p.send_stream(HEARTBEAT)
-                p.last_write_ms = now
-                self.heartbeats += 1
+            if not p.paused:
+                if now - p.last_write_ms >= self.hb_ms - TICK_MS:
+                    p.send_stream(HEARTBEAT)
+                    p.last_write_ms = now
+                    self.heartbeats += 1
+            elif now - p.last_write_ms >= self.dead_ms and not self._all_conflate(p):
+                # Write stall: the client has taken nothing for dead_ms.  Under "drop" it
+                # is closed (it resumes from history); "conflate" keeps its newest values.
+                self._drop(p, "stall")
+                return
             self.schedule_heartbeat(p, False)
         elif kind == T_HEAD:
             if p.timer is not t:
