@@ -22,6 +22,8 @@ from prometheus_client.registry import Collector
 # Buckets of the flush histograms: writes (connections) per flush and events per flush.
 FLUSH_WRITE_BUCKETS = (1, 10, 100, 1_000, 5_000, 10_000, 20_000, 50_000)
 FLUSH_EVENT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 1_000)
+# Milliseconds, exposed in seconds: flush duration and publish-to-flush delay.
+FLUSH_MS_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 150, 250, 500, 1_000, 2_500)
 
 # (name, kind, help, snapshot key); kind is "counter" or "gauge".  Counter names are given
 # without the ``_total`` suffix; the exposition adds it.
@@ -86,9 +88,13 @@ class SnapshotCollector(Collector):
             for k in sorted(merged):
                 fam.add_metric([k], merged[k])
             yield fam
-        for name, help_, key, bounds in (
-            ("ssegw_flush_batch_writes", "Socket writes per flush.", "hist_writes", FLUSH_WRITE_BUCKETS),
-            ("ssegw_flush_batch_events", "Events per flush.", "hist_events", FLUSH_EVENT_BUCKETS),
+        for name, help_, key, bounds, scale in (
+            ("ssegw_flush_batch_writes", "Socket writes per flush.", "hist_writes", FLUSH_WRITE_BUCKETS, 1),
+            ("ssegw_flush_batch_events", "Events per flush.", "hist_events", FLUSH_EVENT_BUCKETS, 1),
+            ("ssegw_flush_duration_seconds", "Time one flush (sweep) takes.", "hist_flush_ms", FLUSH_MS_BUCKETS,
+             1000),
+            ("ssegw_flush_delay_seconds", "Age of the oldest event when its flush starts (publish to sweep).",
+             "hist_delay_ms", FLUSH_MS_BUCKETS, 1000),
         ):
             counts = [0] * (len(bounds) + 1)
             total_sum = 0.0
@@ -103,10 +109,10 @@ class SnapshotCollector(Collector):
             buckets = []
             for b, c in zip(bounds, counts, strict=False):
                 cum += c
-                buckets.append((str(b), cum))
+                buckets.append((str(b / scale) if scale != 1 else str(b), cum))
             cum += counts[-1]
             buckets.append(("+Inf", cum))
-            yield HistogramMetricFamily(name, help_, buckets=buckets, sum_value=total_sum)
+            yield HistogramMetricFamily(name, help_, buckets=buckets, sum_value=total_sum / scale)
 
 
 class Histogram:

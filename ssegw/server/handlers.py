@@ -426,7 +426,7 @@ def snapshot(w: Worker) -> dict[str, object]:
 
 def stats(w: Worker) -> dict[str, object]:
     snap = w.snapshot()
-    for k in ("hist_writes", "hist_events"):
+    for k in ("hist_writes", "hist_events", "hist_flush_ms", "hist_delay_ms"):
         snap.pop(k, None)
     snap["pid"] = os.getpid()
     snap["uptime_s"] = round(time.time() - w.started_at, 3)

@@ -32,7 +32,7 @@ from ..core.history import Event
 from ..core.sse import HEARTBEAT, encode_retry
 from ..core.table import CLOSED, HEAD, STREAM, Table
 from ..core.wheel import TimerWheel
-from ..metrics import FLUSH_EVENT_BUCKETS, FLUSH_WRITE_BUCKETS, Histogram
+from ..metrics import FLUSH_EVENT_BUCKETS, FLUSH_MS_BUCKETS, FLUSH_WRITE_BUCKETS, Histogram
 from ..policy.auth import Authenticator
 from ..policy.limits import Admission, ConnCounter, IPFilter, TokenBuckets
 from . import handlers
@@ -128,6 +128,8 @@ class Worker:
         self.presence_dirty: set[str] = set()  # topics whose local subscriber count changed
         self.hist_writes = Histogram(FLUSH_WRITE_BUCKETS)
         self.hist_events = Histogram(FLUSH_EVENT_BUCKETS)
+        self.hist_flush = Histogram(FLUSH_MS_BUCKETS)
+        self.hist_delay = Histogram(FLUSH_MS_BUCKETS)
 
     # -- clocks -----------------------------------------------------------------------
 
@@ -422,7 +424,12 @@ class Worker:
     def flush(self) -> None:
         self.flush_handle = None
         assert self.loop is not None
-        self.last_flush = self.loop.time()
+        self.last_flush = start = self.loop.time()
+        dirty = self.fanout.dirty
+        if dirty:
+            # Publish-to-sweep delay of the oldest waiting event (wall clock, like ts_ms).
+            oldest = min(ts.batch[0].ts_ms for ts in dirty)  # type: ignore[attr-defined]
+            self.hist_delay.observe(max(0, time.time_ns() // 1_000_000 - oldest))
         self.in_flush = True
         try:
             writes = self.fanout.flush(self.now_ms())
@@ -437,6 +444,7 @@ class Worker:
             st = self.fanout.stats
             self.hist_writes.observe(writes)
             self.hist_events.observe(st.last_events)
+            self.hist_flush.observe(int((self.loop.time() - start) * 1000))
 
     # -- the tick -----------------------------------------------------------------------
 
@@ -538,6 +546,8 @@ class Worker:
             "slow_closed": dict(self.slow_closed),
             "hist_writes": self.hist_writes.snapshot(),
             "hist_events": self.hist_events.snapshot(),
+            "hist_flush_ms": self.hist_flush.snapshot(),
+            "hist_delay_ms": self.hist_delay.snapshot(),
         }
 
 
