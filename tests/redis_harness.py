@@ -42,7 +42,7 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> "RedisServer":
+    def start(self, timeout: float = 10.0) -> RedisServer:
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")]
         if self.persist:
@@ -91,6 +91,6 @@ class RedisServer:
                 self.proc.kill()
                 self.proc.wait(5)
 
-    def restart(self) -> "RedisServer":
+    def restart(self) -> RedisServer:
         self.kill()
         return self.start()

@@ -29,6 +29,7 @@ nothing of a failed publish is half-applied because the function runs atomically
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import random
@@ -100,6 +101,7 @@ class RedisBroker:
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._idle: set[str] = set()  # topics to unsubscribe on the next pass
         self._to_subscribe: list[str] = []
+        self._requests = itertools.count(1)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
         self._presence: dict[str, int] = {}
         self._presence_dirty: set[str] = set()
@@ -145,26 +147,42 @@ class RedisBroker:
     # -- publishing -------------------------------------------------------------------
 
     async def publish(self, messages: list[Message]) -> list[str]:
+        """One FCALL for the whole batch.  A reply lost to a broken connection is retried
+        with the same request token until ``COMMAND_TIMEOUT``: Redis either ran the first
+        call (the token returns its ids) or did not (the retry publishes), never twice."""
         client = self._client
         if client is None or not self.up:
             raise BrokerUnavailable("redis is not connected")
-        keys = [f"{PREFIX}:seq", f"{PREFIX}:epoch", f"{PREFIX}:clock"]
+        token = f"{PREFIX}:req:{self.worker_id}:{next(self._requests)}"
+        keys = [f"{PREFIX}:seq", f"{PREFIX}:epoch", f"{PREFIX}:clock", token]
         args: list[object] = [len(messages), self._retention]
         for m in messages:
             size, ttl_ms = self._settings(m.topic)
             keys.append(stream_key(m.topic))
             args += [channel(m.topic), m.key or "", "1" if m.key is not None else "0", m.body, size, ttl_ms]
-        try:
-            res = await client.fcall("ssegw_publish", len(keys), *keys, *args)
-        except _UNREACHABLE as e:
-            self.publish_errors += 1
-            raise BrokerUnavailable(f"redis unreachable: {e}") from None
-        except ResponseError as e:
-            self.publish_errors += 1
-            if "Function not found" in str(e):
-                await self._load_library(client)
-            raise BrokerUnavailable(f"redis refused the publish: {e}") from None
-        epoch = res[0].decode()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + COMMAND_TIMEOUT
+        delay = BACKOFF_MIN
+        while True:
+            try:
+                res = await client.fcall("ssegw_publish", len(keys), *keys, *args)
+                break
+            except _UNREACHABLE as e:
+                # Refused at connect on the first attempt: nothing was sent, nothing can
+                # have been published.  Anything else (a reply lost mid-flight) is
+                # ambiguous and is retried with the same token until the deadline.
+                first_refused = delay == BACKOFF_MIN and "connecting to" in str(e)
+                if first_refused or loop.time() + delay >= deadline:
+                    self.publish_errors += 1
+                    raise BrokerUnavailable(f"redis unreachable: {e}") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except ResponseError as e:
+                self.publish_errors += 1
+                if "Function not found" in str(e):
+                    await self._load_library(client)
+                raise BrokerUnavailable(f"redis refused the publish: {e}") from None
+        epoch = res[0].decode() if isinstance(res[0], bytes) else str(res[0])
         return [format_id(epoch, int(s)) for s in res[1:]]
 
     # -- replay ---------------------------------------------------------------------------

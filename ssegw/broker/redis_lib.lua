@@ -13,6 +13,8 @@ Key layout for shard S (one Redis = shard 0; the hash tag keeps a shard's keys i
                        time T", used to trim by age and to place ids for expired topics
   {ssegw:S}:h:TOPIC    STREAM of the topic's history; entry id = SEQ-0,
                        fields b=body (event/data lines), t=ms, k=key (optional)
+  {ssegw:S}:req:TOKEN  the ids a publish request got (2 min), so that a retry of a
+                       request whose reply was lost returns them instead of publishing twice
 Channel: {ssegw:S}:c:TOPIC, payload "SEQ:MS:KLEN:" .. key .. body (KLEN -1 = no key).
 
 Coverage ("is every event of TOPIC after seq X still here?"): a stream's
@@ -55,12 +57,48 @@ local function epoch_of(key, now)
   return e
 end
 
--- KEYS: seq, epoch, clock, then one stream key per message
+-- Trim a topic stream to `maxlen` entries and to entries newer than the clock's seq at
+-- (now - ttl), and record the highest trimmed id as the stream's max-deleted-entry-id.
+-- (Redis 7.0 raises that field on XDEL but not when XADD MAXLEN / XTRIM trims, so we set
+-- it ourselves with XSETID; resume coverage depends on it.)
+local function trim(skey, last_id, maxlen, old)
+  local top = nil
+  local len = redis.call('XLEN', skey)
+  if len > maxlen then
+    local n = len - maxlen
+    local victims = redis.call('XRANGE', skey, '-', '+', 'COUNT', n)
+    top = victims[#victims][1]
+    redis.call('XTRIM', skey, 'MAXLEN', '=', maxlen)
+  end
+  if old > 0 then
+    local v = redis.call('XREVRANGE', skey, old .. '-0', '-', 'COUNT', 1)
+    if v[1] then
+      if not top or tonumber(string.match(v[1][1], '^(%d+)')) > tonumber(string.match(top, '^(%d+)')) then
+        top = v[1][1]
+      end
+      redis.call('XTRIM', skey, 'MINID', (old + 1) .. '-0')
+    end
+  end
+  if top then redis.call('XSETID', skey, last_id, 'MAXDELETEDID', top) end
+end
+
+-- KEYS: seq, epoch, clock, request, then one stream key per message
 -- ARGV: n, clock_retention_ms, then per message: channel, key, has_key, body, maxlen, ttl_ms
 -- returns {epoch, seq1, ..., seqN}
+-- `request` is a per-request token key: a retry of a publish whose reply was lost finds
+-- it and gets the original ids instead of publishing twice.
 local function publish(keys, args)
   local n = tonumber(args[1])
   local retention = tonumber(args[2])
+  local done = redis.call('GET', keys[4])
+  if done then return cjson.decode(done) end
+  -- Check every key before the first write: a batch is all or nothing.
+  for i = 1, n do
+    local t = redis.call('TYPE', keys[4 + i])['ok']
+    if t ~= 'none' and t ~= 'stream' then
+      return redis.error_reply('WRONGTYPE history key ' .. keys[4 + i] .. ' is a ' .. t)
+    end
+  end
   local now = now_ms()
   local epoch = epoch_of(keys[2], now)
   local out = {epoch}
@@ -69,29 +107,29 @@ local function publish(keys, args)
     local base = 2 + (i - 1) * 6
     local channel, key, has_key, body = args[base + 1], args[base + 2], args[base + 3], args[base + 4]
     local maxlen, ttl = tonumber(args[base + 5]), tonumber(args[base + 6])
-    local skey = keys[3 + i]
+    local skey = keys[4 + i]
     local seq = redis.call('INCR', keys[1])
     local id = seq .. '-0'
     local fresh = redis.call('EXISTS', skey) == 0
     if has_key == '1' then
-      redis.call('XADD', skey, 'MAXLEN', '=', maxlen, id, 'b', body, 't', now, 'k', key)
+      redis.call('XADD', skey, id, 'b', body, 't', now, 'k', key)
     else
-      redis.call('XADD', skey, 'MAXLEN', '=', maxlen, id, 'b', body, 't', now)
+      redis.call('XADD', skey, id, 'b', body, 't', now)
     end
+    local old = 0
+    if ttl > 0 then old = seq_at(clock, now - ttl) end
     if fresh then
-      local floor = 0
-      if ttl > 0 then floor = seq_at(clock, now - ttl) end
-      redis.call('XSETID', skey, id, 'MAXDELETEDID', floor .. '-0')
+      -- Anything an expired earlier incarnation of this stream held is older than ttl.
+      redis.call('XSETID', skey, id, 'MAXDELETEDID', old .. '-0')
     end
+    trim(skey, id, maxlen, old)
     if ttl > 0 then
-      local old = seq_at(clock, now - ttl)
-      if old > 0 then redis.call('XTRIM', skey, 'MINID', (old + 1) .. '-0') end
       redis.call('PEXPIRE', skey, ttl + 60000)
     end
     local klen = -1
     if has_key == '1' then klen = string.len(key) end
     local payload = seq .. ':' .. now .. ':' .. klen .. ':' .. (has_key == '1' and key or '') .. body
-    if args[base + 1] ~= '' then
+    if channel ~= '' then
       redis.call('PUBLISH', channel, payload)
     end
     out[i + 1] = seq
@@ -100,6 +138,9 @@ local function publish(keys, args)
   if not last[2] or now - tonumber(last[2]) >= 1000 then
     redis.call('ZADD', clock, now, out[n + 1])
     redis.call('ZREMRANGEBYSCORE', clock, '-inf', now - retention)
+  end
+  if keys[4] ~= '' then
+    redis.call('SET', keys[4], cjson.encode(out), 'PX', 120000)
   end
   return out
 end
