@@ -144,6 +144,14 @@ class RedisBroker:
     def ready(self) -> bool:
         return self.up
 
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait (bounded) until Redis is connected; a worker calls this before accepting."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.up and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        return self.up
+
     # -- publishing -------------------------------------------------------------------
 
     async def publish(self, messages: list[Message]) -> list[str]:
@@ -368,6 +376,11 @@ class RedisBroker:
             log.info("redis reconnected (%d topics resubscribed)", len(topics))
         self.reconnects += 1
         self.up = True
+        # Topics that became wanted while we were connecting were not in the snapshot
+        # above and got no SUBSCRIBE (interest() sends one only while up): send it now.
+        late = sorted(self.desired - set(topics))
+        if late:
+            await ps.subscribe(*(channel(t) for t in late))
         if self._housekeeping is None or self._housekeeping.done():
             self._housekeeping = asyncio.get_running_loop().create_task(self._presence_loop())
         for m in buffered:

@@ -63,7 +63,7 @@ def error_body(code: str, detail: str) -> bytes:
 
 
 class HTTPProtocol(Conn, asyncio.Protocol):
-    __slots__ = ("w", "h11", "admin", "req", "body", "line", "inbound", "held_ip", "driving")
+    __slots__ = ("w", "h11", "admin", "req", "body", "line", "inbound", "held_ip", "driving", "served")
 
     def __init__(self, worker: object, admin: bool) -> None:
         self.init_conn()
@@ -76,6 +76,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         self.inbound = 0  # bytes received (body, or discarded bytes on a stream)
         self.held_ip = False  # holds a per-IP stream slot that must be released
         self.driving = False  # inside drive(): an answer must not re-enter it
+        self.served = 0  # requests answered on this connection (keep-alive reuse)
 
     # -- asyncio callbacks ------------------------------------------------------------
 
@@ -263,6 +264,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             self.abort()
             return
         self.transport.write(out)  # type: ignore[attr-defined]
+        self.served += 1
         if close or conn.our_state is h11.MUST_CLOSE:
             self.close()
             return

@@ -55,6 +55,8 @@ HOUSEKEEPING_TICKS = 20
 #: Streams closed because the broker lost events are closed over this window (ms), so their
 #: clients do not all reconnect in the same instant.
 GAP_CLOSE_SPREAD_MS = 2_000
+#: How long a starting worker waits for its broker before accepting connections anyway.
+BROKER_START_WAIT = 10.0
 #: Bounds on the dead-peer / write-stall timeout (2 x heartbeat_interval, clamped).
 DEAD_PEER_MIN_MS, DEAD_PEER_MAX_MS = 5_000, 120_000
 # Close-deadline kinds (wheel timer kinds beyond the protocol's).
@@ -155,6 +157,14 @@ class Worker:
         self.wheel = TimerWheel(TICK_MS, self.now_ms())
         self.stopping = loop.create_future()
         await self.broker.start(self.on_events, self.on_gap)  # type: ignore[attr-defined]
+        wait_ready = getattr(self.broker, "wait_ready", None)
+        if wait_ready is not None and public_socks != []:
+            # Accept only once the broker is reachable (bounded): a worker replacing a
+            # crashed one, or a new generation on reload, would otherwise answer the
+            # connections queued in its slot socket with 503.  If the broker stays down we
+            # serve anyway (streams get 503 until it is back; /readyz tells).
+            if not await wait_ready(BROKER_START_WAIT):
+                log.warning("broker not reachable after %.0fs; serving anyway", BROKER_START_WAIT)
         if public_socks is None:
             public_socks = [bind_socket(cfg.host, cfg.port)]
         for s in public_socks:
@@ -211,9 +221,11 @@ class Worker:
                 continue
             if p.state == STREAM:
                 self.set_deadline(p, now + int(random.uniform(0, drain_ms)), T_DRAIN)  # type: ignore[arg-type]
-            elif p.state == HEAD and p.line == 0 and not p.admin:  # type: ignore[attr-defined]
-                # An idle public keep-alive connection; admin ones stay, so that a probe
-                # arriving now still gets its /readyz 503.
+            elif p.state == HEAD and p.line == 0 and p.served and not p.admin:  # type: ignore[attr-defined]
+                # An idle public keep-alive connection.  A connection that has not sent its
+                # first request yet stays: it was accepted, so it gets an answer (a stream
+                # request gets 503 draining with Retry-After), not a silent close.  Admin
+                # connections stay so that a probe arriving now gets its /readyz 503.
                 p.close()  # type: ignore[attr-defined]
         assert self.loop is not None
         self.loop.call_later(self.cfg.drain_timeout + 2.0, self._stop_now)
