@@ -45,6 +45,7 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("ssegw_events_held", "counter", "Events held for a paused (slow) connection.", "held"),
     ("ssegw_events_conflated", "counter", "Held events replaced by a newer one with the same key.", "conflated"),
     ("ssegw_publish_requests", "counter", "Successful /publish requests.", "publish_requests"),
+    ("ssegw_streams_paced", "counter", "Stream starts that waited for the start pacer (reconnect storms).", "paced"),
     ("ssegw_head_timeouts", "counter", "Connections closed for not sending a request head in time.", "head_timeouts"),
     ("ssegw_protocol_errors", "counter", "Malformed requests (garbage, oversized heads).", "protocol_errors"),
     ("ssegw_streams_closed_lifetime", "counter", "Streams closed by max_lifetime.", "closed_lifetime"),

@@ -199,6 +199,20 @@ def open_stream(w: Worker, p: HTTPProtocol, req: h11.Request, query: bytes) -> N
     if p.timer is not None:
         w.wheel.cancel(p.timer)  # type: ignore[union-attr]
         p.timer = None
+    args = (topics, after, since, principal)
+    if not w.stream_gate():
+        # A reconnect storm: stream starts are paced (worker.START_SHARE) so that replays
+        # do not starve the streams already open; this one waits its turn.
+        w.parked.append((p, args))
+        return
+    w.start_stream(p, args)
+
+
+def begin_stream(w: Worker, p: HTTPProtocol, topics: tuple[str, ...], after: tuple[str, tuple[int, ...]] | None,
+                 since: str | None, principal: object) -> None:
+    """Subscribe, replay and start a stream whose request passed every check."""
+    if p.state == CLOSED:
+        return
     # Subscribe first and hold live events while the replay is fetched; the replay and the
     # held events are merged (duplicates removed by sequence) when the stream starts.
     p.paused = True

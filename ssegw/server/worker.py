@@ -24,6 +24,7 @@ import random
 import signal
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 
 from ..config import Config
@@ -55,6 +56,11 @@ HOUSEKEEPING_TICKS = 20
 #: Streams closed because the broker lost events are closed over this window (ms), so their
 #: clients do not all reconnect in the same instant.
 GAP_CLOSE_SPREAD_MS = 2_000
+#: Stream-start pacing, as a budget of loop time: stream starts (subscribe + replay + first
+#: write, measured) may use at most this share of the loop, in bursts of at most
+#: START_BURST_S.  During a reconnect storm the other half stays with the streams already
+#: open (flushes, heartbeats); a start that finds the budget spent waits in a FIFO.
+START_SHARE, START_BURST_S = 0.5, 0.020
 #: How long a starting worker waits for its broker before accepting connections anyway.
 BROKER_START_WAIT = 10.0
 #: Bounds on the dead-peer / write-stall timeout (2 x heartbeat_interval, clamped).
@@ -128,6 +134,12 @@ class Worker:
         self.responses: dict[str, int] = {}  # by status code as text (JSON keys)
         self.slow_closed: dict[str, int] = {}
         self.presence_dirty: set[str] = set()  # topics whose local subscriber count changed
+        # Stream-start pacing (token bucket) and the streams waiting for a token.
+        self.start_tokens = START_BURST_S  # seconds of loop time stream starts may still use
+        self.start_refill = 0.0
+        self.parked: deque[tuple] = deque()
+        self.unpark_handle: asyncio.Handle | None = None
+        self.paced = 0
         self.hist_writes = Histogram(FLUSH_WRITE_BUCKETS)
         self.hist_events = Histogram(FLUSH_EVENT_BUCKETS)
         self.hist_flush = Histogram(FLUSH_MS_BUCKETS)
@@ -386,6 +398,53 @@ class Worker:
 
     # -- streams ----------------------------------------------------------------------
 
+    def stream_gate(self) -> bool:
+        """May a stream start now?  False: the caller parks it (FIFO behind others)."""
+        if self.parked:
+            self.paced += 1
+            return False
+        self._refill()
+        if self.start_tokens > 0.0:
+            return True
+        self.paced += 1
+        self._schedule_unpark()
+        return False
+
+    def start_stream(self, p: HTTPProtocol, args: tuple) -> None:
+        """Start a stream and charge its measured cost to the pacing budget."""
+        t0 = time.perf_counter()
+        try:
+            handlers.begin_stream(self, p, *args)
+        finally:
+            self.start_tokens -= time.perf_counter() - t0
+
+    def _refill(self) -> None:
+        assert self.loop is not None
+        now = self.loop.time()
+        self.start_tokens = min(START_BURST_S, self.start_tokens + (now - self.start_refill) * START_SHARE)
+        self.start_refill = now
+
+    def _schedule_unpark(self) -> None:
+        if self.unpark_handle is None:
+            assert self.loop is not None
+            self.unpark_handle = self.loop.call_later(0.01, self._unpark)
+
+    def _unpark(self) -> None:
+        self.unpark_handle = None
+        self._refill()
+        parked = self.parked
+        while parked and self.start_tokens > 0.0:
+            p, args = parked.popleft()
+            if p.state == CLOSED:
+                continue
+            try:
+                self.start_stream(p, args)
+            except Exception:  # a bug of ours: drop this one, keep starting the others
+                log.exception("starting a paced stream failed")
+                p.abort()
+        if parked:
+            self._schedule_unpark()
+
     def jittered_retry(self) -> int:
         """The ``retry:`` hint for a stream we close: 0.5x..1.5x ``retry`` so that the
         clients of a drained worker do not all come back in the same millisecond."""
@@ -551,6 +610,7 @@ class Worker:
             "resets": self.resets,
             "publish_requests": self.publish_requests,
             "head_timeouts": self.head_timeouts,
+            "paced": self.paced,
             "protocol_errors": self.protocol_errors,
             "closed_lifetime": self.closed_lifetime,
             "closed_expired": self.closed_expired,
