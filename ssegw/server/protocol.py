@@ -53,7 +53,7 @@ _REASONS = {
     403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
     413: b"Content Too Large", 414: b"URI Too Long", 415: b"Unsupported Media Type",
     429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error", 503: b"Service Unavailable",
+    500: b"Internal Server Error", 501: b"Not Implemented", 503: b"Service Unavailable",
 }
 _SERVER = (b"server", b"ssegw")
 

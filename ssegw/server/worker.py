@@ -61,6 +61,9 @@ GAP_CLOSE_SPREAD_MS = 2_000
 #: START_BURST_S.  During a reconnect storm the other half stays with the streams already
 #: open (flushes, heartbeats); a start that finds the budget spent waits in a FIFO.
 START_SHARE, START_BURST_S = 0.5, 0.020
+#: After a drain has nothing else to wait for, how long connections that were accepted but
+#: have not sent a request yet still get to ask (they are answered 503 draining).
+UNASKED_GRACE = 0.5
 #: How long a starting worker waits for its broker before accepting connections anyway.
 BROKER_START_WAIT = 10.0
 #: Bounds on the dead-peer / write-stall timeout (2 x heartbeat_interval, clamped).
@@ -95,6 +98,7 @@ class Worker:
             max_connections=cfg.max_connections,
         )
         self.draining = False
+        self.drain_started = 0.0
         self.stopping: asyncio.Future[None] | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.admin_servers: list[asyncio.AbstractServer] = []
@@ -224,6 +228,8 @@ class Worker:
             return
         log.info("draining: %d streams over %.1fs", self.table.streams, self.cfg.drain_timeout)
         self.draining = True
+        assert self.loop is not None
+        self.drain_started = self.loop.time()
         for s in self.servers:
             s.close()
         now = self.now_ms()
@@ -246,9 +252,21 @@ class Worker:
     def _check_drained(self) -> None:
         if not self.draining or self.stopping is None or self.stopping.done():
             return
+        unasked = False
         for p in self.table.records:
-            if p is not None and not p.admin and p.state != CLOSED:  # type: ignore[attr-defined]
-                return
+            if p is None or p.admin or p.state == CLOSED:  # type: ignore[attr-defined]
+                continue
+            if p.state == HEAD and p.line == 0 and p.inbound == 0:  # type: ignore[attr-defined]
+                unasked = True  # accepted, nothing asked yet
+                continue
+            return
+        assert self.loop is not None
+        grace_end = self.drain_started + UNASKED_GRACE
+        if unasked and self.loop.time() < grace_end:
+            # A client whose request is still in flight gets an answer (503 draining), not
+            # a close -- but it does not hold the exit up for longer than the grace.
+            self.loop.call_at(grace_end, self._check_drained)
+            return
         self._stop_now()
 
     def _stop_now(self) -> None:
