@@ -83,6 +83,24 @@ def core_times() -> dict[str, tuple[int, ...]]:
     return out
 
 
+def all_cpu() -> dict[int, tuple[str, float]]:
+    """{pid: (command name, CPU seconds)} of every process on the machine."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        r = raw.rfind(b")")
+        name = raw[raw.find(b"(") + 1:r].decode("latin-1")
+        fields = raw[r + 2:].split()
+        out[int(d)] = (name, (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    return out
+
+
 class CpuSampler:
     """CPU use of named processes and of each core between :meth:`start` and :meth:`stop`."""
 
@@ -96,6 +114,7 @@ class CpuSampler:
         self.t0 = time.monotonic()
         self.c0 = {n: proc_cpu2(p) for n, p in self.pids.items()}
         self.k0 = core_times()
+        self.a0 = all_cpu()
 
     def stop(self) -> dict[str, object]:
         dt = time.monotonic() - self.t0
@@ -121,8 +140,19 @@ class CpuSampler:
         # window.  Softirq time (where loopback TCP receive processing is accounted, not to
         # any process) is ours too and is left out.
         foreign = round(max(0.0, sum(cores.values()) - ours - irq), 1)
+        # Who else ran: the biggest consumers that are not ours (processes that started and
+        # ended inside the window are not seen).
+        mine = set(self.pids.values())
+        others: dict[str, float] = {}
+        for pid, (name, t1) in all_cpu().items():
+            if pid in mine:
+                continue
+            t0 = self.a0.get(pid, (name, 0.0))[1]
+            if t1 - t0 > 0:
+                others[name] = others.get(name, 0.0) + (t1 - t0) / dt * 100
+        top = dict(sorted(((k, round(v, 1)) for k, v in others.items() if v >= 1), key=lambda kv: -kv[1])[:6])
         return {"window_s": round(dt, 2), "proc_pct": procs, "proc_sys_pct": sys_pct, "core_busy_pct": cores,
-                "core_detail_pct": detail, "foreign_pct": foreign}
+                "core_detail_pct": detail, "foreign_pct": foreign, "others_pct": top}
 
 
 async def wait_quiet(max_wait: float, busy_below: float = 20.0, sample: float = 2.0) -> dict[str, object]:
@@ -307,6 +337,54 @@ def code_version() -> dict[str, object]:
     except (OSError, subprocess.SubprocessError):
         head, dirty = "", ""
     return {"head": head, "ssegw_dirty": bool(dirty), "ssegw_sha256": h.hexdigest()[:12]}
+
+
+def prom_hists(text: str, names: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Cumulative bucket counts, _sum and _count of Prometheus histograms in ``text``."""
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        for name in names:
+            if not line.startswith(name):
+                continue
+            rest = line[len(name):]
+            h = out.setdefault(name, {})
+            if rest.startswith('_bucket{le="'):
+                le = rest[len('_bucket{le="'):rest.index('"}')]
+                h[le] = float(rest.split()[-1])
+            elif rest.startswith("_sum "):
+                h["_sum"] = float(rest.split()[-1])
+            elif rest.startswith("_count "):
+                h["_count"] = float(rest.split()[-1])
+    return out
+
+
+def prom_hist_delta(before: str, after: str, names: tuple[str, ...]) -> dict[str, object]:
+    """Per-window summary of server histograms in seconds: count, mean, and the bucket
+    bounds (le) that p50 / p99 / the largest observation fall under."""
+    b, a = prom_hists(before, names), prom_hists(after, names)
+    out: dict[str, object] = {}
+    for name, ha in a.items():
+        hb = b.get(name, {})
+        n = ha.get("_count", 0) - hb.get("_count", 0)
+        if n <= 0:
+            continue
+        les = sorted((k for k in ha if not k.startswith("_")), key=lambda k: math.inf if k == "+Inf" else float(k))
+        cum = [(le, ha[le] - hb.get(le, 0)) for le in les]
+
+        def q(p: float, cum: list[tuple[str, float]] = cum, n: float = n) -> str:
+            for le, c in cum:
+                if c >= p * n:
+                    return le
+            return "+Inf"
+
+        top = next((le for le, c in cum if c >= n), "+Inf")
+        mean = (ha.get("_sum", 0) - hb.get("_sum", 0)) / n
+        if name.endswith("_seconds"):
+            out[name] = {"n": int(n), "mean_ms": round(mean * 1000, 1), "p50_le_s": q(0.5), "p99_le_s": q(0.99),
+                         "max_le_s": top}
+        else:
+            out[name] = {"n": int(n), "mean": round(mean, 1), "p50_le": q(0.5), "p99_le": q(0.99), "max_le": top}
+    return out
 
 
 def emit(kind: str, result: dict[str, object]) -> None:

@@ -91,6 +91,10 @@ class Admin:
                     self.conn = None
                     if attempt == 2:
                         raise
+                except BaseException:  # timeout or cancel: the answer may still come; never reuse
+                    self.close()
+                    self.conn = None
+                    raise
             raise AssertionError("unreachable")
 
     async def stats(self) -> dict[str, object]:
@@ -173,11 +177,13 @@ class Clients:
     def __init__(self) -> None:
         self.procs: list[asyncio.subprocess.Process] = []
         self.ready: list[dict[str, object]] = []
+        self.count = "scan"
 
     @classmethod
     async def start(cls, port: int, conns: int, procs: int, topic: str, sample: int, core: str,
-                    per_src: int = 10_000, max_life: float = 1800) -> Clients:
+                    per_src: int = 10_000, max_life: float = 1800, count: str = "scan") -> Clients:
         self = cls()
+        self.count = count
         base = 0
         src_i = 2
         for p in range(procs):
@@ -188,7 +194,7 @@ class Clients:
             src_i += nsrc
             cmd = ["taskset", "-c", core, PYTHON, str(BENCH / "client.py"), "--port", str(port), "--conns", str(n),
                    "--topic", topic, "--offset", str(base), "--sample", str(s), "--src", srcs,
-                   "--max-life", str(max_life)]
+                   "--max-life", str(max_life), "--count", count]
             proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.PIPE,
                                                         stdout=asyncio.subprocess.PIPE, limit=64 * 1024 * 1024)
             self.procs.append(proc)
@@ -230,6 +236,8 @@ class Clients:
             "max": max(int(p["max"]) for p in parts),  # type: ignore[call-overload]
             "open": sum(int(p["open"]) for p in parts),  # type: ignore[call-overload]
             "lost": sum(int(p["lost"]) for p in parts),  # type: ignore[call-overload]
+            "gaps": sum(int(p["gaps"]) for p in parts),  # type: ignore[call-overload]
+            "dups": sum(int(p["dups"]) for p in parts),  # type: ignore[call-overload]
             "parts": parts,
         }
         if "counts" in extra:
@@ -301,7 +309,7 @@ class Publisher:
     async def fresh(self) -> None:
         """Replace connections the server closed (it closes keep-alive connections idle for
         75 s, e.g. while we waited for a quiet machine)."""
-        self.conns = [c for c in self.conns if not c.closed]
+        self.conns = [c for c in self.conns if not c.closed and c.tr is not None and not c.tr.is_closing()]
         while len(self.conns) < self.nconns:
             self.conns.append(await http_conn(self.port))
 
@@ -341,6 +349,15 @@ class Publisher:
             if not c.closed:
                 idle.append(c)
 
+        reconnecting = 0
+
+        def reconnected(task: asyncio.Task[HTTPConn]) -> None:
+            nonlocal reconnecting
+            reconnecting -= 1
+            if not task.cancelled() and task.exception() is None:
+                self.conns.append(task.result())
+                idle.append(task.result())
+
         start = loop.time()
         wall_start = time.time()
         end = start + duration
@@ -354,6 +371,12 @@ class Publisher:
             max_backlog = max(max_backlog, due)
             while due > 0 and idle:
                 c = idle.pop()
+                if c.closed or c.tr is None or c.tr.is_closing():
+                    # The server closed it (e.g. idle keep-alive timeout): replace it.
+                    reconnecting += 1
+                    task = loop.create_task(http_conn(self.port))
+                    task.add_done_callback(reconnected)
+                    continue
                 k = min(due, self.max_batch)
                 body, _ = make(k, sent)
                 head = (b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -366,6 +389,20 @@ class Publisher:
                 requests += 1
             next_tick += self.tick
             await asyncio.sleep(max(0.0, next_tick - loop.time()))
+        # The last messages due (the loop can end a tick before rate x duration is reached).
+        rest = int(rate * duration) - sent
+        if rest > 0 and idle:
+            c = idle.pop()
+            if not c.closed and c.tr is not None and not c.tr.is_closing():
+                body, _ = make(min(rest, self.max_batch), sent)
+                k = min(rest, self.max_batch)
+                head = (b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(body))
+                fut = c.request(head, body)
+                pending.add(fut)
+                fut.add_done_callback(functools.partial(done, c, k, loop.time()))
+                sent += k
+                requests += 1
         elapsed = loop.time() - start
         if pending:
             await asyncio.wait(pending, timeout=60)

@@ -18,10 +18,22 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import RESULTS, CpuSampler, Server, emit, log, merge_summaries, stats_delta, wait_quiet  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    CpuSampler,
+    Server,
+    emit,
+    log,
+    merge_summaries,
+    prom_hist_delta,
+    stats_delta,
+    wait_quiet,
+)
 from loadgen import Admin, Clients, Prober, Publisher, ticker_body  # noqa: E402
 
 SERVER_CORE = "0"
+# Server-side histograms read from /metrics around each window, where the build has them.
+SERVER_HISTS = ("ssegw_flush_duration_seconds", "ssegw_flush_delay_seconds", "ssegw_flush_batch_events")
 CLIENT_CORE = "1"
 
 
@@ -123,7 +135,15 @@ async def cmd_rss(args: argparse.Namespace) -> None:
             problems = srv.problems()
             if problems:
                 out.append({"conns": n, "server_problems": problems[:20]})
-    emit("rss", {"topic": args.topic, "procs": args.procs, "results": out})
+    rows = [r for r in out if "rss_idle_mib" in r]
+    extra: dict[str, object] = {}
+    if len(rows) >= 2:
+        # Slope between the smallest and the largest N: what one more idle stream costs,
+        # without the part of the baseline heap that absorbs the first ones.
+        lo, hi = rows[0], rows[-1]
+        extra["marginal_bytes_per_conn"] = round((float(hi["rss_idle_mib"]) - float(lo["rss_idle_mib"])) * 2**20  # type: ignore[arg-type]
+                                                 / (int(hi["conns"]) - int(lo["conns"])))  # type: ignore[call-overload]
+    emit("rss", {"topic": args.topic, "procs": args.procs, "results": out, **extra})
 
 
 # -- one measured publishing window -------------------------------------------------------
@@ -135,6 +155,7 @@ async def window(srv: Server, admin: Admin, clients: Clients, pub: Publisher, ra
     quiet = await wait_quiet(quiet_wait) if quiet_wait > 0 else None
     await clients.cmd("mark")
     st0 = await admin.stats()
+    m0 = (await admin.get("/metrics"))[1].decode()
     pids = {"server": srv.pid, "coordinator": os.getpid()}
     for i, pid in enumerate(clients.pids):
         pids[f"client{i}"] = pid
@@ -158,6 +179,7 @@ async def window(srv: Server, admin: Admin, clients: Clients, pub: Publisher, ra
     t_done = float(fin["t"])  # type: ignore[arg-type]
     final = await clients.snap("lat", *(("counts",) if directed_counts is not None else ()))
     st1 = await admin.stats()
+    m1 = (await admin.get("/metrics"))[1].decode()
     rss_after = srv.rss()
     received = int(final["sum"])  # type: ignore[call-overload]
     res: dict[str, object] = {
@@ -166,6 +188,7 @@ async def window(srv: Server, admin: Admin, clients: Clients, pub: Publisher, ra
         "lost_events": max(0, expected - received), "extra_events": max(0, received - expected),
         "per_conn_min": final["min"], "per_conn_max": final["max"],
         "conns_open": final["open"], "conns_lost": final["lost"],
+        "seq_gaps": final["gaps"], "seq_dups": final["dups"],
         "expected_per_s": round(expected / float(pr["duration_s"])),  # type: ignore[arg-type]
         "delivered_per_s": round(received / max(1e-9, t_done - t_start)),
         # Events counted by the subscribers when publishing had ended (their own clock).
@@ -174,9 +197,11 @@ async def window(srv: Server, admin: Admin, clients: Clients, pub: Publisher, ra
         "drain_s": round(t_done - float(snap_end["t"]), 2),  # type: ignore[arg-type]
         "latency": merge_summaries([p.get("lat") for p in final["parts"]]),  # type: ignore[misc, union-attr, attr-defined]
         "latency_sampled_conns": sum(int(r["sampled"]) for r in clients.ready),  # type: ignore[call-overload]
+        "count_mode": clients.count,
         "server_rss_mib": {"before": round(rss_before / 2**20, 1), "max": probe.pop("server_rss_max_mib", None),
                            "after": round(rss_after / 2**20, 1)},
         "cpu": cpu_res, "before_window": quiet, "server_loop_probe": probe, "server": stats_delta(st0, st1),
+        "server_hist": prom_hist_delta(m0, m1, SERVER_HISTS),
     }
     if directed_counts is not None:
         counts: dict[int, int] = final["counts"]  # type: ignore[assignment]
@@ -211,6 +236,8 @@ def verdict(res: dict[str, object], max_p99_ms: float) -> list[str]:
     why = []
     if res["lost_events"]:
         why.append(f"lost {res['lost_events']} events")
+    if res["seq_gaps"] or res["seq_dups"]:
+        why.append(f"sampled streams saw {res['seq_gaps']} missing and {res['seq_dups']} repeated sequences")
     if res["conns_lost"]:
         why.append(f"{res['conns_lost']} connections closed")
     pr: dict[str, object] = res["publisher"]  # type: ignore[assignment]
@@ -246,7 +273,7 @@ class Env:
         self.srv = srv = server_for(args, self.tag)
         self.admin = admin = Admin(srv.admin_port)
         self.clients = clients = await Clients.start(srv.port, self.conns, args.procs, self.topic, self.sample,
-                                                     CLIENT_CORE)
+                                                     CLIENT_CORE, count=getattr(args, "count", "scan"))
         st = await wait_streams(admin, clients.ok)
         log(f"server streams_open={st['streams_open']} rss={srv.rss() / 2**20:.1f} MiB")
         self.pub = Publisher(srv.port, args.pub_conns)
@@ -479,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parse-budget", type=int, default=100_000,
                    help="events/s the client may parse for latency (sample = budget / rate, ~1 us each)")
     p.add_argument("--topic", default="ticker")
+    p.add_argument("--count", choices=("scan", "seq"), default="seq",
+                   help="scan: bytes.count over every byte (exact per connection); seq: newest event sequence "
+                        "per read, O(1) per read, sampled connections check continuity (lighter client)")
 
     p = sub.add_parser("maxrate", help="highest sustained fan-out rate with every event delivered")
     common(p)
@@ -493,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parse-budget", type=int, default=100_000,
                    help="events/s the client may parse for latency (sample = budget / rate, ~1 us each)")
     p.add_argument("--topic", default="ticker")
+    p.add_argument("--count", choices=("scan", "seq"), default="seq",
+                   help="scan: bytes.count over every byte (exact per connection); seq: newest event sequence "
+                        "per read, O(1) per read, sampled connections check continuity (lighter client)")
 
     p = sub.add_parser("directed", help="one topic per subscriber, random directed messages")
     common(p)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The full-size runs, once each (about 15-25 minutes on the 2-core machine).
-# Results: one JSON line per command on stdout and in bench/results/<command>.jsonl.
+# The full-size runs, once each (about 20-30 minutes on the 2-core machine, more if other
+# work on the machine forces re-measurements).  Results: one JSON line per command on
+# stdout and appended to bench/results/<command>.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
+$PY bench/selftest.py
 $PY bench/run.py rss --conns 1000 15000
 for r in 10 100 1000; do
   $PY bench/run.py fanout --subs 10000 --rate "$r" --duration 20
