@@ -43,7 +43,7 @@ class FlushStats:
     """Plain-int counters the metrics layer reads; no locking, no per-event objects."""
 
     __slots__ = ("flushes", "writes", "events_delivered", "bytes_written", "held", "conflated",
-                 "last_writes", "last_events")
+                 "last_writes", "last_events", "caught_up")
 
     def __init__(self) -> None:
         self.flushes = 0
@@ -54,6 +54,35 @@ class FlushStats:
         self.conflated = 0
         self.last_writes = 0
         self.last_events = 0
+        self.caught_up = 0
+
+
+class _Item:
+    """One topic's part of a sweep: the subscribers to write and the bytes they get."""
+
+    __slots__ = ("ts", "base", "events", "raw", "framed", "subs", "pos", "caught", "extended")
+
+    def __init__(self, ts: TopicState, batch: list[Event]) -> None:
+        self.ts = ts
+        self.base = batch  # the events every subscriber of this sweep gets
+        self.events = batch  # base plus catch-up events for those not written yet
+        self.raw = batch[0].frame if len(batch) == 1 else b"".join([e.frame for e in batch])
+        self.framed = chunk(self.raw)
+        self.subs: list[Conn] = list(ts.subs.values())
+        self.pos = 0
+        self.caught = batch[-1].seq
+        self.extended = False
+
+
+class _Sweep:
+    __slots__ = ("items", "idx", "multi", "writes", "nevents")
+
+    def __init__(self) -> None:
+        self.items: list[_Item] = []
+        self.idx = 0
+        self.multi: dict[Conn, list[Event]] = {}
+        self.writes = 0
+        self.nevents = 0
 
 
 class Fanout:
@@ -65,6 +94,7 @@ class Fanout:
         self.queued_writes = 0  # subscriber-writes waiting for the next flush
         self.flushed_seq = 0
         self.pending_seq = 0  # highest seq queued in a batch
+        self.current: _Sweep | None = None  # the sweep in progress, if any
         self.stats = FlushStats()
 
     # -- publish side ---------------------------------------------------------------
@@ -85,47 +115,71 @@ class Fanout:
     # -- flush side -----------------------------------------------------------------
 
     def flush(self, now_ms: int) -> int:
-        """Write every dirty topic's batch to its subscribers.  Returns writes done."""
-        dirty = self.dirty
-        self.flushed_seq = self.pending_seq
-        if not dirty:
-            return 0
-        self.dirty = []
-        self.queued_writes = 0
-        stats = self.stats
+        """Finish the sweep in progress, if any, and sweep until nothing is dirty (the
+        whole thing at once, without yielding).  Returns writes done."""
         writes = 0
-        events_total = 0
-        delivered = 0
+        while True:
+            done, n = self.sweep_step(now_ms, 1 << 62)
+            writes += n
+            if done and not self.dirty:
+                return writes
+
+    def sweep_step(self, now_ms: int, quota: int) -> tuple[bool, int]:
+        """Advance the current sweep by up to ``quota`` subscriber writes.
+
+        Returns (done, writes).  Between steps the caller lets the event loop run; events
+        published meanwhile are added ("catch-up") for the subscribers this sweep has not
+        written yet, who then carry a floor so the next sweep skips them.
+        """
+        sw = self.current
+        if sw is None:
+            if not self.dirty:
+                self.flushed_seq = self.pending_seq
+                return True, 0
+            sw = self.current = self._begin()
+        items = sw.items
+        writes = 0
         nbytes = 0
-        slow: dict[Conn, list[Event]] | None = None
-        for ts in dirty:
-            batch: list[Event] = ts.batch  # type: ignore[assignment]
-            ts.batch = []
-            if not ts.subs:
-                if self.table.topics.get(ts.name) is ts:
-                    del self.table.topics[ts.name]
-                continue
-            n = len(batch)
-            events_total += n
-            raw = batch[0].frame if n == 1 else b"".join([e.frame for e in batch])
-            framed = chunk(raw)
-            lr = len(raw)
-            lf = len(framed)
+        delivered = 0
+        while quota > 0 and sw.idx < len(items):
+            it = items[sw.idx]
+            ts = it.ts
+            if ts.batch and ts.batch[-1].seq > it.caught:  # type: ignore[attr-defined]
+                self._catch_up(it)
+            subs = it.subs
+            end = min(len(subs), it.pos + quota)
+            framed, raw, n = it.framed, it.raw, len(it.events)
+            lf, lr = len(framed), len(raw)
+            caught = it.caught if it.extended else 0
             w = 0
-            # transport.write never calls back into us synchronously except pause_writing,
-            # which only flips a flag; closes are deferred to connection_lost, so the dict
-            # cannot change under the loop.
-            for conn in ts.subs.values():
+            for i in range(it.pos, end):
+                conn = subs[i]
+                if conn.state == CLOSED:
+                    continue
                 if conn.paused or conn.floor is not None or len(conn.topics) > 1:
-                    # Slow path: several topics to merge, a replay floor to apply, or a
-                    # paused transport.  Collected and handled per connection below.
-                    if slow is None:
-                        slow = {}
-                    lst = slow.get(conn)
-                    if lst is None:
-                        slow[conn] = list(batch)
-                    else:
-                        lst.extend(batch)
+                    # Slow path: merged later (several topics), filtered (a floor), or held.
+                    if not conn.topics:
+                        continue  # its stream was abandoned mid-sweep
+                    if len(conn.topics) > 1:
+                        lst = sw.multi.get(conn)
+                        if lst is None:
+                            sw.multi[conn] = list(it.base)
+                        else:
+                            lst.extend(it.base)
+                        continue
+                    evs = it.events
+                    if conn.floor is not None:
+                        evs = self._apply_floor(conn, evs)
+                        if not evs:
+                            continue
+                    if caught:
+                        self._set_floor(conn, ts.name, caught)
+                    if conn.paused:
+                        self.hold(conn, evs)
+                        continue
+                    nbytes += self._write_events(conn, evs, now_ms)
+                    w += 1
+                    delivered += len(evs)
                     continue
                 if conn.chunked:
                     conn.transport.write(framed)  # type: ignore[attr-defined]
@@ -134,15 +188,21 @@ class Fanout:
                     conn.transport.write(raw)  # type: ignore[attr-defined]
                     nbytes += lr
                 conn.last_write_ms = now_ms
+                if caught:
+                    conn.floor = {ts.name: caught}
                 w += 1
-            writes += w
             delivered += w * n
-        if slow:
-            for conn, evs in slow.items():
+            writes += w
+            quota -= max(1, end - it.pos)
+            it.pos = end
+            if end >= len(subs):
+                sw.idx += 1
+        done = sw.idx >= len(items)
+        if done:
+            for conn, evs in sw.multi.items():
                 if conn.state == CLOSED:
                     continue
-                if len(conn.topics) > 1:
-                    evs.sort(key=_seq)  # interleave topics in publish order
+                evs.sort(key=_seq)  # interleave topics in publish order
                 if conn.floor is not None:
                     evs = self._apply_floor(conn, evs)
                     if not evs:
@@ -153,13 +213,55 @@ class Fanout:
                 nbytes += self._write_events(conn, evs, now_ms)
                 writes += 1
                 delivered += len(evs)
-        stats.flushes += 1
+            self.current = None
+        stats = self.stats
         stats.writes += writes
         stats.events_delivered += delivered
         stats.bytes_written += nbytes
-        stats.last_writes = writes
-        stats.last_events = events_total
-        return writes
+        sw.writes += writes
+        if done:
+            stats.flushes += 1
+            stats.last_writes = sw.writes
+            stats.last_events = sw.nevents
+        return done, writes
+
+    def _begin(self) -> _Sweep:
+        dirty = self.dirty
+        self.dirty = []
+        self.queued_writes = 0
+        self.flushed_seq = self.pending_seq
+        sw = _Sweep()
+        topics = self.table.topics
+        for ts in dirty:
+            batch: list[Event] = ts.batch  # type: ignore[assignment]
+            ts.batch = []
+            if not ts.subs:
+                if topics.get(ts.name) is ts:
+                    del topics[ts.name]
+                continue
+            sw.nevents += len(batch)
+            sw.items.append(_Item(ts, batch))
+        return sw
+
+    def _catch_up(self, it: _Item) -> None:
+        """Add events published since the sweep began to the rest of this topic's pass."""
+        new = [e for e in it.ts.batch if e.seq > it.caught]  # type: ignore[attr-defined]
+        if not new:
+            return
+        it.events = it.events + new
+        it.caught = new[-1].seq
+        it.extended = True
+        it.raw = b"".join([e.frame for e in it.events])
+        it.framed = chunk(it.raw)
+        self.stats.caught_up += len(new)
+
+    @staticmethod
+    def _set_floor(conn: Conn, topic: str, seq: int) -> None:
+        floor = conn.floor
+        if floor is None:
+            conn.floor = {topic: seq}
+        elif floor.get(topic, 0) < seq:
+            floor[topic] = seq
 
     @staticmethod
     def _apply_floor(conn: Conn, evs: list[Event]) -> list[Event]:

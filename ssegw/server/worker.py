@@ -56,6 +56,9 @@ HOUSEKEEPING_TICKS = 20
 #: Streams closed because the broker lost events are closed over this window (ms), so their
 #: clients do not all reconnect in the same instant.
 GAP_CLOSE_SPREAD_MS = 2_000
+#: Subscriber writes per slice of a sweep (~10-15 ms of loop time here): a sweep over many
+#: subscribers yields to the loop between slices instead of blocking it for the whole pass.
+SLICE_WRITES = 1_000
 #: Stream-start pacing, as a budget of loop time: stream starts (subscribe + replay + first
 #: write, measured) may use at most this share of the loop, in bursts of at most
 #: START_BURST_S.  During a reconnect storm the other half stays with the streams already
@@ -110,6 +113,7 @@ class Worker:
         # Flush scheduling.
         self.flush_handle: asyncio.Handle | None = None
         self.last_flush = 0.0
+        self.sweep_started = 0.0
         self.in_flush = False
         self.deferred: list[HTTPProtocol] = []
         self.interval = cfg.flush_interval
@@ -511,17 +515,21 @@ class Worker:
             self.flush_handle = loop.call_at(due, self.flush)
 
     def flush(self) -> None:
+        """Run one slice of the current sweep (starting one if needed); reschedule."""
         self.flush_handle = None
-        assert self.loop is not None
-        self.last_flush = start = self.loop.time()
-        dirty = self.fanout.dirty
-        if dirty:
-            # Publish-to-sweep delay of the oldest waiting event (wall clock, like ts_ms).
-            oldest = min(ts.batch[0].ts_ms for ts in dirty)  # type: ignore[attr-defined]
-            self.hist_delay.observe(max(0, time.time_ns() // 1_000_000 - oldest))
+        loop = self.loop
+        assert loop is not None
+        fan = self.fanout
+        if fan.current is None:
+            self.last_flush = self.sweep_started = loop.time()
+            dirty = fan.dirty
+            if dirty:
+                # Publish-to-sweep delay of the oldest waiting event (wall clock, like ts_ms).
+                oldest = min(ts.batch[0].ts_ms for ts in dirty)  # type: ignore[attr-defined]
+                self.hist_delay.observe(max(0, time.time_ns() // 1_000_000 - oldest))
         self.in_flush = True
         try:
-            writes = self.fanout.flush(self.now_ms())
+            done, _ = fan.sweep_step(self.now_ms(), SLICE_WRITES)
         finally:
             self.in_flush = False
             deferred = self.deferred
@@ -529,11 +537,18 @@ class Worker:
                 self.deferred = []
                 for p in deferred:
                     self._detach(p)
-        if writes:
-            st = self.fanout.stats
-            self.hist_writes.observe(writes)
+        if not done:
+            # Let the loop breathe between slices (publishes, new streams, heartbeats);
+            # events published meanwhile join this sweep for those not written yet.
+            self.flush_handle = loop.call_soon(self.flush)
+            return
+        st = fan.stats
+        if st.last_writes:
+            self.hist_writes.observe(st.last_writes)
             self.hist_events.observe(st.last_events)
-            self.hist_flush.observe(int((self.loop.time() - start) * 1000))
+            self.hist_flush.observe(int((loop.time() - self.sweep_started) * 1000))
+        if fan.dirty:
+            self.schedule_flush(fan.queued_writes)
 
     # -- the tick -----------------------------------------------------------------------
 
