@@ -266,7 +266,8 @@ class Fanout:
 
     def _catch_up(self, it: _Item) -> None:
         """Add events published since the sweep began to the rest of this topic's pass."""
-        new = [e for e in it.ts.batch if e.seq > it.caught]  # type: ignore[attr-defined]
+        batch: list[Event] = it.ts.batch  # type: ignore[assignment]
+        new = [e for e in batch if e.seq > it.caught]
         if not new:
             return
         it.events = it.events + new
