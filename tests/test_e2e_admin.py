@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 import uuid
 from urllib.parse import quote, urlencode
 
 import pytest
+from checks import assert_error
 from harness import Gateway, Response, read_head, request, wait_until
 
 REQUIRED = {
@@ -25,18 +25,6 @@ def new_topic(tag: str = "t") -> str:
 
 def path(*topics: str) -> str:
     return "/events?" + urlencode([("topic", t) for t in topics])
-
-
-def assert_error(r: Response, want: int, code: str | None = None) -> dict:
-    assert r.status == want, r
-    assert r.headers.get("content-type", "").split(";")[0].strip() == "application/json", r.headers
-    obj = json.loads(r.body)
-    assert isinstance(obj, dict) and set(obj) == {"error", "detail"}, obj
-    assert isinstance(obj["error"], str) and obj["error"], obj
-    assert isinstance(obj["detail"], str) and obj["detail"], obj
-    if code is not None:
-        assert obj["error"] == code, obj
-    return obj
 
 
 def admin(gw: Gateway, p: str, method: str = "GET", body: bytes | None = None) -> Response:

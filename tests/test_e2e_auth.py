@@ -14,6 +14,7 @@ from urllib.parse import quote
 
 import jwt
 import pytest
+from checks import check_error, uniq
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from harness import Gateway, Response, Stream, raw_exchange
@@ -27,10 +28,6 @@ TOKENS: list[str] = []
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def uniq(prefix: str) -> str:
-    return f"{prefix}.{uuid.uuid4().hex[:12]}"
 
 
 def remember(token: str) -> str:
@@ -51,16 +48,6 @@ def hs256_raw(claims: dict, key: bytes) -> str:
     signing = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + "." + b64(json.dumps(claims).encode())
     sig = hmac.new(key, signing.encode(), hashlib.sha256).digest()
     return remember(signing + "." + b64(sig))
-
-
-def check_error(status: int, body: bytes, expect: int, code: str | None = None) -> dict:
-    assert status == expect, (status, body)
-    obj = json.loads(body)
-    assert isinstance(obj, dict) and set(obj) == {"error", "detail"}, obj
-    assert isinstance(obj["error"], str) and obj["error"] and isinstance(obj["detail"], str), obj
-    if code is not None:
-        assert obj["error"] == code, obj
-    return obj
 
 
 def check_resp(r: Response, expect: int, code: str | None = None) -> dict:

@@ -14,9 +14,9 @@ import ssl
 import struct
 import threading
 import time
-import uuid
 
 import pytest
+from checks import assert_alive, uniq
 from harness import Gateway, Stream, raw_exchange, recv_all
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -25,10 +25,6 @@ HEAD_TIMEOUT = 1.0
 MAX_HEAD = 2048
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def uniq(prefix: str) -> str:
-    return f"{prefix}.{uuid.uuid4().hex[:12]}"
 
 
 def parse_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -62,21 +58,6 @@ def check_raw_error(raw: bytes, expect: int, code: str | None = None) -> dict:
     status, headers, body = parse_response(raw)
     assert headers.get("content-type", "").startswith("application/json"), headers
     return check_error(status, body, expect, code)
-
-
-def assert_alive(g: Gateway) -> None:
-    """The process runs, /healthz is 200, publish + subscribe work, no slot is leaked."""
-    assert g.proc is not None and g.proc.poll() is None, "gateway process died"
-    r = g.request("GET", "/healthz", admin=True)
-    assert r.status == 200 and r.json() == {"status": "ok"}, r
-    topic = uniq("alive")
-    with g.stream(f"/events?topic={topic}") as s:
-        assert s.status == 200, s.error_body
-        r = g.publish({"topic": topic, "data": "ping"})
-        assert r.status == 200, r
-        evs = s.wait_events(1, timeout=3)
-        assert [(e.id, e.data) for e in evs] == [(r.json()["ids"][0], "ping")]
-    assert g.wait_slots(0) == 0
 
 
 def rst_close(sock: socket.socket) -> None:

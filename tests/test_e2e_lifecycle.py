@@ -8,32 +8,14 @@ import signal
 import socket
 import threading
 import time
-import uuid
 
+from checks import assert_alive, uniq
 from harness import Gateway, Stream, recv_all, request
 
 RETRY_MS = 3000  # the default `retry`
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def uniq(prefix: str) -> str:
-    return f"{prefix}.{uuid.uuid4().hex[:12]}"
-
-
-def assert_alive(g: Gateway) -> None:
-    assert g.proc is not None and g.proc.poll() is None, "gateway process died"
-    r = g.request("GET", "/healthz", admin=True)
-    assert r.status == 200 and r.json() == {"status": "ok"}, r
-    topic = uniq("alive")
-    with g.stream(f"/events?topic={topic}") as s:
-        assert s.status == 200, s.error_body
-        r = g.publish({"topic": topic, "data": "ping"})
-        assert r.status == 200, r
-        evs = s.wait_events(1, timeout=3)
-        assert [(e.id, e.data) for e in evs] == [(r.json()["ids"][0], "ping")]
-    assert g.wait_slots(0) == 0
 
 
 def pump_until_closed(streams: list[Stream], timeout: float, t0: float) -> dict[int, float]:

@@ -4,27 +4,12 @@ publish rule without auth."""
 
 from __future__ import annotations
 
-import json
 import time
-import uuid
 
+from checks import check_error, uniq
 from harness import Gateway, Response, Stream
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def uniq(prefix: str) -> str:
-    return f"{prefix}.{uuid.uuid4().hex[:12]}"
-
-
-def check_error(status: int, body: bytes, expect: int, code: str | None = None) -> dict:
-    assert status == expect, (status, body)
-    obj = json.loads(body)
-    assert isinstance(obj, dict) and set(obj) == {"error", "detail"}, obj
-    assert isinstance(obj["error"], str) and obj["error"] and isinstance(obj["detail"], str), obj
-    if code is not None:
-        assert obj["error"] == code, obj
-    return obj
 
 
 def check_stream_error(s: Stream, expect: int, code: str | None = None) -> dict:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from urllib.parse import urlencode
 
 import pytest
+from checks import assert_error
 from harness import Gateway, Response, Stream, read_head, request
 
 # -- helpers --------------------------------------------------------------------------------
@@ -22,18 +23,6 @@ def new_topic(tag: str = "t") -> str:
 
 def path(*topics: str, **params: str) -> str:
     return "/events?" + urlencode([("topic", t) for t in topics] + list(params.items()))
-
-
-def assert_error(r: Response, want: int, code: str | None = None) -> dict:
-    assert r.status == want, r
-    assert r.headers.get("content-type", "").split(";")[0].strip() == "application/json", r.headers
-    obj = json.loads(r.body)
-    assert isinstance(obj, dict) and set(obj) == {"error", "detail"}, obj
-    assert isinstance(obj["error"], str) and obj["error"], obj
-    assert isinstance(obj["detail"], str) and obj["detail"], obj
-    if code is not None:
-        assert obj["error"] == code, obj
-    return obj
 
 
 def assert_ids(r: Response, n: int) -> list[str]:

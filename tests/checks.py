@@ -1,0 +1,47 @@
+"""Assertions shared by the end-to-end tests: the contract's error shape, a liveness check
+after hostile traffic, unique topic names."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+from harness import Gateway, Response
+
+
+def uniq(prefix: str) -> str:
+    """A topic name no other test uses (tests share gateways and their history)."""
+    return f"{prefix}.{uuid.uuid4().hex[:12]}"
+
+
+def check_error(status: int, body: bytes, expect: int, code: str | None = None) -> dict:
+    """``status`` is ``expect`` and ``body`` is the contract's ``{"error", "detail"}``."""
+    assert status == expect, (status, body)
+    obj = json.loads(body)
+    assert isinstance(obj, dict) and set(obj) == {"error", "detail"}, obj
+    assert isinstance(obj["error"], str) and obj["error"], obj
+    assert isinstance(obj["detail"], str) and obj["detail"], obj
+    if code is not None:
+        assert obj["error"] == code, obj
+    return obj
+
+
+def assert_error(r: Response, want: int, code: str | None = None) -> dict:
+    """A JSON error response with status ``want`` (and error ``code`` if given)."""
+    assert r.headers.get("content-type", "").split(";")[0].strip() == "application/json", r.headers
+    return check_error(r.status, r.body, want, code)
+
+
+def assert_alive(g: Gateway) -> None:
+    """The process runs, /healthz is 200, publish + subscribe work, no slot is leaked."""
+    assert g.proc is not None and g.proc.poll() is None, "gateway process died"
+    r = g.request("GET", "/healthz", admin=True)
+    assert r.status == 200 and r.json() == {"status": "ok"}, r
+    topic = uniq("alive")
+    with g.stream(f"/events?topic={topic}") as s:
+        assert s.status == 200, s.error_body
+        r = g.publish({"topic": topic, "data": "ping"})
+        assert r.status == 200, r
+        evs = s.wait_events(1, timeout=3)
+        assert [(e.id, e.data) for e in evs] == [(r.json()["ids"][0], "ping")]
+    assert g.wait_slots(0) == 0
