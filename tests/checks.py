@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 
-from harness import Gateway, Response
+from harness import Gateway, Response, Stream
 
 
 def uniq(prefix: str) -> str:
@@ -45,3 +45,24 @@ def assert_alive(g: Gateway) -> None:
         evs = s.wait_events(1, timeout=3)
         assert [(e.id, e.data) for e in evs] == [(r.json()["ids"][0], "ping")]
     assert g.wait_slots(0) == 0
+
+
+def open_streams(g: Gateway, topic: str, n: int, headers: dict[str, str] | None = None) -> list[Stream]:
+    """``n`` subscribers of ``topic``, each answered 200."""
+    out = []
+    for _ in range(n):
+        s = g.stream(f"/events?topic={topic}", headers)
+        assert s.status == 200, s.error_body
+        out.append(s)
+    return out
+
+
+def publish(g: Gateway, topic: str, data: str) -> str:
+    """Publish one message; returns its id."""
+    r = g.publish({"topic": topic, "data": data})
+    assert r.status == 200, r
+    return r.json()["ids"][0]
+
+
+def ids(s: Stream | list) -> list[str]:
+    return [e.id for e in (s.events if isinstance(s, Stream) else s)]

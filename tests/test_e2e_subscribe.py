@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from urllib.parse import urlencode
 
 import pytest
+from checks import check_error
 from harness import Gateway, Response, Stream, request
 from sse_parser import Ev, Parser
 
@@ -40,15 +41,8 @@ def pub(gw: Gateway, msgs: object) -> list[str]:
 
 
 def assert_error(status: int, headers: dict[str, str], body: bytes, want: int, code: str | None = None) -> dict:
-    assert status == want, (status, body)
     assert headers.get("content-type", "").split(";")[0].strip() == "application/json", headers
-    obj = json.loads(body)
-    assert isinstance(obj, dict) and set(obj) == {"error", "detail"}, obj
-    assert isinstance(obj["error"], str) and obj["error"], obj
-    assert isinstance(obj["detail"], str) and obj["detail"], obj
-    if code is not None:
-        assert obj["error"] == code, obj
-    return obj
+    return check_error(status, body, want, code)
 
 
 def assert_response_error(r: Response, want: int, code: str | None = None) -> dict:

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from checks import ids, open_streams, publish
 from harness import Gateway, Stream, wait_until
 
 WORKER_STARTED = re.compile(r"worker (\d+) started \(slot (\d+), generation (\d+)\)")
@@ -64,25 +65,6 @@ def wait_ready(g: Gateway, n: int = 2, timeout: float = 15.0) -> None:
             return False
 
     assert wait_until(ok, timeout, 0.1), f"{n} workers not ready:\n" + "".join(g.log)
-
-
-def open_streams(g: Gateway, topic: str, n: int, headers: dict[str, str] | None = None) -> list[Stream]:
-    out = []
-    for _ in range(n):
-        s = g.stream(f"/events?topic={topic}", headers)
-        assert s.status == 200, s.error_body
-        out.append(s)
-    return out
-
-
-def publish(g: Gateway, topic: str, data: str) -> str:
-    r = g.publish({"topic": topic, "data": data})
-    assert r.status == 200, r
-    return r.json()["ids"][0]
-
-
-def ids(s: Stream | list) -> list[str]:
-    return [e.id for e in (s.events if isinstance(s, Stream) else s)]
 
 
 def subscribers(g: Gateway, topic: str) -> int | None:
