@@ -134,6 +134,7 @@ class Worker:
         # A peer is presumed dead when what we sent stays unacknowledged this long, and a
         # paused "drop" stream is closed when it could not be written to this long.
         self.dead_ms = min(max(2 * self.hb_ms, DEAD_PEER_MIN_MS), DEAD_PEER_MAX_MS)
+        self.sndbuf = max(16 * 1024, cfg.max_buffer // 2)
         self.tick_count = 0
         # Counters (plain ints; read by metrics at scrape time).
         self.connections_open = 0
@@ -322,6 +323,11 @@ class Worker:
             return
         idle = max(1, self.hb_ms // 1000)
         try:
+            # A fixed send buffer (no autotuning): otherwise the kernel absorbs up to
+            # tcp_wmem[2] (4 MiB) per stalled client before the transport ever pauses, and
+            # max_buffer bounds nothing (measured: 0.93 MiB per stalled reader).  The kernel
+            # doubles the value, so kernel + held output stay within ~2 x max_buffer.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 3))
