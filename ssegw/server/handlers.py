@@ -40,7 +40,7 @@ from ..core.table import CLOSED
 from ..core.topics import validate_topic
 from ..metrics import CONTENT_TYPE, make_registry, render
 from ..policy.limits import client_ip
-from .protocol import T_HEAD, HTTPProtocol
+from .protocol import HTTPProtocol
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -237,7 +237,7 @@ def _replayed(w: Worker, p: HTTPProtocol, task: asyncio.Task, principal: object,
             p.respond_error(Unavailable("history is unavailable, retry", headers=(("Retry-After", "1"),)))
         else:
             log.error("replay failed", exc_info=exc)
-            p.respond(500, b'{"error":"internal","detail":"replay failed"}', close=True)
+            p.respond_internal("replay failed")
         return
     _start(w, p, task.result(), principal, cors)
 
@@ -327,7 +327,7 @@ def _publish_done(w: Worker, p: HTTPProtocol, task: asyncio.Task, n: int, cors: 
         p.respond_error(Unavailable(f"broker unavailable: nothing was published ({exc})", headers=(("Retry-After", "1"),)))
     else:
         log.error("publish failed", exc_info=exc)
-        p.respond(500, b'{"error":"internal","detail":"publish failed"}', close=True)
+        p.respond_internal("publish failed")
 
 
 def _published(w: Worker, p: HTTPProtocol, ids: list[str], n: int, cors: list) -> None:
@@ -423,7 +423,7 @@ def _later(p: HTTPProtocol, coro: object) -> None:
             p.respond_error(Unavailable(f"unavailable: {exc}", headers=(("Retry-After", "1"),)))
         else:
             log.error("admin request failed", exc_info=exc)
-            p.respond(500, b'{"error":"internal","detail":"admin request failed"}', close=True)
+            p.respond_internal("admin request failed")
 
     task.add_done_callback(done)
 
@@ -449,4 +449,4 @@ def stats(w: Worker) -> dict[str, object]:
     return snap
 
 
-__all__ = ["handle", "cors_headers", "ProtocolError", "T_HEAD"]
+__all__ = ["handle", "cors_headers"]

@@ -233,7 +233,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             self.respond_error(e)
         except Exception:  # a bug of ours: log it with its traceback, answer 500, keep serving
             log.exception("handler failed for %s %s", req.method.decode("latin-1"), req.target[:200].decode("latin-1"))
-            self.respond(500, error_body("internal", "internal server error"), close=True)
+            self.respond_internal("internal server error")
 
     # -- answers ----------------------------------------------------------------------
 
@@ -283,6 +283,10 @@ class HTTPProtocol(Conn, asyncio.Protocol):
 
     def respond_json(self, status: int, obj: object, headers: list[tuple[bytes, bytes]] | tuple = ()) -> None:
         self.respond(status, orjson.dumps(obj), headers=headers)
+
+    def respond_internal(self, detail: str) -> None:
+        """A bug of ours (already logged by the caller): 500 and close."""
+        self.respond(500, error_body("internal", detail), close=True)
 
     def respond_error(self, e: ProtocolError) -> None:
         status = e.status_hint

@@ -38,7 +38,7 @@ from ..metrics import FLUSH_EVENT_BUCKETS, FLUSH_MS_BUCKETS, FLUSH_WRITE_BUCKETS
 from ..policy.auth import Authenticator
 from ..policy.limits import Admission, ConnCounter, IPFilter, TokenBuckets
 from . import handlers
-from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol, error_body
+from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol
 from .sockets import bind_socket
 
 log = logging.getLogger("ssegw.worker")
@@ -678,4 +678,4 @@ class Worker:
         }
 
 
-__all__ = ["Worker", "error_body"]
+__all__ = ["Worker"]
