@@ -35,6 +35,13 @@ class BrokerUnavailable(Exception):
     """The broker cannot accept a publish right now; nothing of the request was published."""
 
 
+class PublishUnresolved(Exception):
+    """A publish was sent but its reply was lost, and the broker stayed unreachable for
+    longer than it can wait: the request may or may not have been published.  Rare (Redis
+    down for over a minute with a publish in flight); answered 504 so that a publisher never
+    reads "nothing was published" where something was."""
+
+
 class Broker(Protocol):
     #: A name for logs and /admin/stats ("memory", "redis").
     kind: str
@@ -54,6 +61,7 @@ class Broker(Protocol):
 
         Raises:
             BrokerUnavailable: nothing was published.
+            PublishUnresolved: the outcome could not be learned (see its docstring).
         """
 
     async def replay(

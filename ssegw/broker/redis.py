@@ -38,6 +38,8 @@ from collections.abc import Callable
 from importlib import resources
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -46,7 +48,7 @@ from ..core.history import Event
 from ..core.ids import format_id
 from ..core.publish import Message
 from ..core.sse import encode_frame
-from .base import BrokerUnavailable, Replay
+from .base import BrokerUnavailable, PublishUnresolved, Replay
 
 log = logging.getLogger("ssegw.redis")
 
@@ -58,6 +60,8 @@ PRESENCE_TTL_MS = 15_000
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
 #: Bound on how long a request waits for Redis (publish, replay) before answering 503.
 COMMAND_TIMEOUT = 5.0
+#: How long a publish whose outcome is unknown keeps asking Redis (the token lives 2 min).
+RESOLVE_TIMEOUT = 60.0
 #: Idle seconds on the pub/sub connection before we check Redis is still there.
 PING_EVERY = 3.0
 #: Keep clock samples this much longer than the longest history_ttl.
@@ -109,6 +113,7 @@ class RedisBroker:
         # counters for metrics
         self.reconnects = 0
         self.publish_errors = 0
+        self.publish_retries = 0
         self.gap_fills = 0
         self.gap_events = 0
         self.gap_lost = 0
@@ -119,8 +124,12 @@ class RedisBroker:
                     on_gap: Callable[[list[str] | None], None] | None = None) -> None:
         self._deliver = deliver
         self._on_gap = on_gap
+        # No retries inside redis-py (its default since 6.x is 3): a command it re-sends
+        # after a lost reply would surface as a *connect* error, which ``publish`` must
+        # be able to read as "nothing was sent".  Every retry is ours, with its own token.
         self._client = aioredis.Redis.from_url(
             self.url, socket_timeout=COMMAND_TIMEOUT, socket_connect_timeout=2.0, health_check_interval=0,
+            retry=Retry(NoBackoff(), 0),
         )
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ssegw-redis-pubsub")
 
@@ -155,9 +164,16 @@ class RedisBroker:
     # -- publishing -------------------------------------------------------------------
 
     async def publish(self, messages: list[Message]) -> list[str]:
-        """One FCALL for the whole batch.  A reply lost to a broken connection is retried
-        with the same request token until ``COMMAND_TIMEOUT``: Redis either ran the first
-        call (the token returns its ids) or did not (the retry publishes), never twice."""
+        """One FCALL for the whole batch.
+
+        Refused at connect on the first attempt means nothing was sent: ``BrokerUnavailable``
+        (503, "nothing was published").  Any other failure -- a reply lost to a broken
+        connection, Redis still loading after a restart -- is ambiguous, and the call is
+        retried with the same request token until Redis answers: Redis either ran the first
+        call (the token returns its ids) or did not (the retry publishes), never twice.  So a
+        publish in flight when Redis dies waits for Redis and gets its real answer.  Only if
+        Redis stays away past ``RESOLVE_TIMEOUT`` (well inside the token's 2 min life) does
+        the caller get ``PublishUnresolved``."""
         client = self._client
         if client is None or not self.up:
             raise BrokerUnavailable("redis is not connected")
@@ -169,27 +185,37 @@ class RedisBroker:
             keys.append(stream_key(m.topic))
             args += [channel(m.topic), m.key or "", "1" if m.key is not None else "0", m.body, size, ttl_ms]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + COMMAND_TIMEOUT
-        delay = BACKOFF_MIN
+        deadline = loop.time() + RESOLVE_TIMEOUT
+        delay = 0.0
         while True:
             try:
                 res = await client.fcall("ssegw_publish", len(keys), *keys, *args)
                 break
             except _UNREACHABLE as e:
-                # Refused at connect on the first attempt: nothing was sent, nothing can
-                # have been published.  Anything else (a reply lost mid-flight) is
-                # ambiguous and is retried with the same token until the deadline.
-                first_refused = delay == BACKOFF_MIN and "connecting to" in str(e)
-                if first_refused or loop.time() + delay >= deadline:
+                if delay == 0.0 and "connecting to" in str(e):
                     self.publish_errors += 1
                     raise BrokerUnavailable(f"redis unreachable: {e}") from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                err: Exception = e
             except ResponseError as e:
-                self.publish_errors += 1
-                if "Function not found" in str(e):
+                if "Function not found" not in str(e):
+                    # Redis refused the call before running it (the library checks every
+                    # key before the first write): nothing was published.
+                    self.publish_errors += 1
+                    raise BrokerUnavailable(f"redis refused the publish: {e}") from None
+                # Redis came back without its data (and so without our library): load it
+                # and retry; whatever the first call did went with the data.
+                err = e
+                try:
                     await self._load_library(client)
-                raise BrokerUnavailable(f"redis refused the publish: {e}") from None
+                except (*_UNREACHABLE, RedisError):
+                    pass
+            self.publish_retries += 1
+            delay = min(max(delay * 2, BACKOFF_MIN), 1.0)
+            if loop.time() + delay >= deadline:
+                self.publish_errors += 1
+                raise PublishUnresolved(f"redis unreachable for {RESOLVE_TIMEOUT:.0f}s with the publish "
+                                        f"in flight: {err}") from None
+            await asyncio.sleep(delay)
         epoch = res[0].decode() if isinstance(res[0], bytes) else str(res[0])
         return [format_id(epoch, int(s)) for s in res[1:]]
 
@@ -565,6 +591,7 @@ class RedisBroker:
             "subscribed_topics": len(self.confirmed),
             "reconnects": max(0, self.reconnects - 1),
             "publish_errors": self.publish_errors,
+            "publish_retries": self.publish_retries,
             "gap_fills": self.gap_fills,
             "gap_events": self.gap_events,
             "gap_lost": self.gap_lost,

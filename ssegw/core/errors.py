@@ -75,3 +75,11 @@ class TooManyRequests(ProtocolError):
 class Unavailable(ProtocolError):
     status_hint = 503
     code = "unavailable"
+
+
+class OutcomeUnknown(ProtocolError):
+    """The upstream (Redis) may or may not have done what was asked: not a 503, which
+    promises that nothing happened."""
+
+    status_hint = 504
+    code = "outcome_unknown"

@@ -23,12 +23,13 @@ from urllib.parse import parse_qsl, unquote
 import h11
 import orjson
 
-from ..broker.base import BrokerUnavailable, Replay
+from ..broker.base import BrokerUnavailable, PublishUnresolved, Replay
 from ..core.errors import (
     BadRequest,
     Forbidden,
     MethodNotAllowed,
     NotFound,
+    OutcomeUnknown,
     ProtocolError,
     Unavailable,
     UnsupportedMediaType,
@@ -318,13 +319,19 @@ def publish(w: Worker, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
 
 
 def _publish_done(w: Worker, p: HTTPProtocol, task: asyncio.Task, n: int, cors: list) -> None:
-    exc = task.exception()
     if p.state == CLOSED:
         return
+    if task.cancelled():  # the worker is shutting down with the publish in flight
+        p.respond_error(OutcomeUnknown("the gateway stopped before the publish was confirmed"))
+        return
+    exc = task.exception()
     if exc is None:
         _published(w, p, task.result(), n, cors)
     elif isinstance(exc, BrokerUnavailable):
         p.respond_error(Unavailable(f"broker unavailable: nothing was published ({exc})", headers=(("Retry-After", "1"),)))
+    elif isinstance(exc, PublishUnresolved):
+        log.warning("publish outcome unknown: %s", exc)
+        p.respond_error(OutcomeUnknown(f"the request may or may not have been published ({exc})"))
     else:
         log.error("publish failed", exc_info=exc)
         p.respond_internal("publish failed")
@@ -433,7 +440,7 @@ def snapshot(w: Worker) -> dict[str, object]:
     snap = w.snapshot()
     b = w.broker.stats()  # type: ignore[attr-defined]
     snap["broker_up"] = 1 if w.broker.ready() else 0  # type: ignore[attr-defined]
-    for k in ("reconnects", "publish_errors", "gap_fills", "gap_events", "gap_lost"):
+    for k in ("reconnects", "publish_errors", "publish_retries", "gap_fills", "gap_events", "gap_lost"):
         snap["broker_" + k] = b.get(k, 0)
     return snap
 
