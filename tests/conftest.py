@@ -44,3 +44,18 @@ def redis_server(tmp_path):
     r = RedisServer(tmp_path / "redis").start()
     yield r
     r.stop()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """A fresh three-node Redis Cluster on loopback, stopped at the end of the test."""
+    from redis_cluster_harness import RedisCluster
+
+    c = RedisCluster(tmp_path / "cluster")
+    try:
+        c.start()
+    except Exception:
+        c.stop()
+        raise
+    yield c
+    c.stop()

@@ -5,7 +5,9 @@ the matching read side for resume.  Loaded by every worker with FUNCTION LOAD RE
 backend service can publish with FCALL without knowing any script SHA (README "Publishing
 straight into Redis").
 
-Key layout for shard S (one Redis = shard 0; the hash tag keeps a shard's keys in one slot):
+Key layout for a shard with hash tag S (a standalone Redis is one shard, S = ssegw:0; a
+Redis Cluster has one shard per primary, their tags listed in the key `ssegw:shards`; the
+hash tag keeps a shard's keys, and its sharded channels, in one slot):
   {ssegw:S}:seq        INCR counter: the shard's sequence, shared by all its topics
   {ssegw:S}:epoch      this incarnation of the sequence (created once; a Redis that lost
                        its data gets a new one, and old ids become unplaceable -> reset)
@@ -15,7 +17,7 @@ Key layout for shard S (one Redis = shard 0; the hash tag keeps a shard's keys i
                        fields b=body (event/data lines), t=ms, k=key (optional)
   {ssegw:S}:req:TOKEN  the ids a publish request got (2 min), so that a retry of a
                        request whose reply was lost returns them instead of publishing twice
-Channel: {ssegw:S}:c:TOPIC, payload "SEQ:MS:KLEN:" .. key .. body (KLEN -1 = no key).
+Channel (sharded pub/sub, SSUBSCRIBE): {ssegw:S}:c:TOPIC, payload "SEQ:MS:KLEN:" .. key .. body (KLEN -1 = no key).
 
 Coverage ("is every event of TOPIC after seq X still here?"): a stream's
 max-deleted-entry-id is the highest trimmed seq; entries older than the topic's ttl count as
@@ -130,7 +132,10 @@ local function publish(keys, args)
     if has_key == '1' then klen = string.len(key) end
     local payload = seq .. ':' .. now .. ':' .. klen .. ':' .. (has_key == '1' and key or '') .. body
     if channel ~= '' then
-      redis.call('PUBLISH', channel, payload)
+      -- Sharded pub/sub: on a Redis Cluster the message stays on this shard's node (plain
+      -- PUBLISH would be broadcast over the cluster bus to every node); a standalone Redis
+      -- 7 treats it like PUBLISH.
+      redis.call('SPUBLISH', channel, payload)
     end
     out[i + 1] = seq
   end
@@ -206,5 +211,17 @@ local function replay(keys, args)
   return out
 end
 
+-- The same read, then a marker on the caller's marker channel carrying the head it read.
+-- ARGV as for replay, plus the marker channel last.  The marker reaches the caller's shard
+-- pub/sub connection after every event up to that head, so once it has arrived the worker
+-- knows its live stream of this shard is at least as far as the read (ssegw/broker/redis.py,
+-- "Several shards").  Not read-only (SPUBLISH), so it runs on the shard's primary.
+local function replay_mark(keys, args)
+  local out = replay(keys, args)
+  redis.call('SPUBLISH', args[#args], out[2])
+  return out
+end
+
 redis.register_function('ssegw_publish', publish)
 redis.register_function{function_name = 'ssegw_replay', callback = replay, flags = {'no-writes'}}
+redis.register_function('ssegw_replay_mark', replay_mark)
