@@ -38,11 +38,15 @@ event's own shard at the event's sequence, every other shard at the last sequenc
 worker has received from it.  That is a correct resume point for every connection of the
 worker that gets the frame: events of a shard reach the worker in order and are queued to
 connections as they arrive, so a connection has every event of its topics up to the
-watermark, and none above it.  A new stream must not go live with the watermark behind its
-replay, so on a cluster the replay is read with ``ssegw_replay_mark``, which also sends the
-head it read to this worker's marker channel on that shard; the stream starts once the
-marker has arrived (the watermark has passed the head).  Replayed frames are encoded per
-connection with a running vector.  The same event can therefore show different ids on
+watermark, and none above it.  A new stream must not get a live frame whose vector is
+behind its replay, so on a cluster a replay stops at the watermark taken just before the
+read and everything newer comes live (the replay floor).  For that, every newer event of
+the stream's topics must come through pub/sub, which holds once the worker's watermark has
+passed everything published before the topics were subscribed: after a new subscription
+the worker sends a *sync* (``ssegw_sync`` publishes the shard's head to this worker's
+marker channel on that shard, behind every earlier event) and waits for it; syncs are
+shared by every stream opening meanwhile, and topics subscribed before the last sync need
+none.  Replayed frames are encoded per connection with a running vector.  The same event can therefore show different ids on
 different workers (their watermarks differ); each is a correct resume point.  ``EPOCH`` of a
 vector id is a checksum of the shards' epochs: if any shard lost its data, ids from before
 cannot be placed and resuming clients get ``ssegw.reset`` for all their topics.
@@ -136,7 +140,8 @@ class _Shard:
     session and how far this worker has received its sequence."""
 
     __slots__ = ("index", "tag", "prefix", "chan_prefix", "marker", "client", "node", "pubsub", "task",
-                 "epoch", "up", "reconnects", "waits", "to_subscribe")
+                 "epoch", "up", "reconnects", "waits", "to_subscribe", "confirm_count", "synced_upto",
+                 "sync_next", "sync_running")
 
     def __init__(self, index: int, tag: str, worker_id: str) -> None:
         self.index = index
@@ -154,6 +159,11 @@ class _Shard:
         #: (sequence, future) pairs waiting for the watermark to reach the sequence
         self.waits: list[tuple[int, asyncio.Future[None]]] = []
         self.to_subscribe: list[str] = []
+        #: subscriptions confirmed so far; syncs cover those confirmed before they were sent
+        self.confirm_count = 0
+        self.synced_upto = 0
+        self.sync_next: asyncio.Future[None] | None = None
+        self.sync_running = False
 
     def stream_key(self, topic: str) -> str:
         return f"{self.prefix}:h:{topic}"
@@ -186,6 +196,8 @@ class RedisBroker:
         self.epoch = ""
         self.desired: set[str] = set()
         self.confirmed: set[str] = set()
+        #: per topic, its shard's confirm_count when its subscription was confirmed
+        self._confirmed_at: dict[str, int] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._idle: set[str] = set()  # topics to unsubscribe on the next pass
         self._requests = itertools.count(1)
@@ -453,8 +465,17 @@ class RedisBroker:
             groups.setdefault(shard_index(t, n), []).append(t)
         mode = "after" if after is not None else str(since)
         order = sorted(groups)
+        if n > 1:
+            # Several shards ("Several shards" above): the replay of shard k stops at this
+            # worker's watermark u[k], taken before the read, and whatever is newer comes
+            # live.  Every live frame this stream gets is then newer than u, so its vector
+            # id is never behind the replay's.  That needs every event above u[k] of these
+            # topics to come through pub/sub: true once a sync sent after the topic's
+            # subscription has come back (the watermark then passed everything older).
+            await asyncio.gather(*(self._synced(self.shards[k], groups[k]) for k in order))
+            upto = {k: self.seqs[k] for k in order}
         reads = await asyncio.gather(*(
-            self._read(self.shards[k], groups[k], mode, after[1][k] if after is not None else 0, n > 1)
+            self._read(self.shards[k], groups[k], mode, after[1][k] if after is not None else 0)
             for k in order))
         reset: list[str] = []
         floors: dict[str, int] = {}
@@ -465,6 +486,8 @@ class RedisBroker:
             if epoch != s.epoch or (after is not None and after[1][k] > head):
                 reset.extend(groups[k])  # this shard lost its data, or the id is from elsewhere
                 continue
+            if n > 1:
+                head = upto[k]
             heads[k] = head
             evs: list[tuple[int, int, str, str | None, bytes]] = []
             for topic, (covered, raw) in zip(groups[k], per_topic, strict=True):
@@ -472,16 +495,14 @@ class RedisBroker:
                     reset.append(topic)
                     continue
                 floors[topic] = head
-                evs.extend((seq, ms, topic, key, body) for seq, ms, key, body in raw)
+                evs.extend((seq, ms, topic, key, body) for seq, ms, key, body in raw if seq <= head)
             evs.sort()
             per_shard.append((k, evs))
         if n == 1:
             events = [Event(t, seq, ms, encode_frame(f"{self.epoch}-{seq}", body), key)
                       for _, evs in per_shard for seq, ms, t, key, body in evs]
             return Replay(events, reset, floors)
-        # Several shards: go live only once the watermark has passed every head we read
-        # (the markers sent by ssegw_replay_mark), then give the replay running vector ids.
-        await asyncio.gather(*(self._wait_seq(self.shards[k], h) for k, h in heads.items()))
+        # Several shards: replayed frames get a running vector id, per connection.
         v = list(after[1]) if after is not None else list(self.seqs)
         if after is None:
             for k, h in heads.items():
@@ -498,7 +519,7 @@ class RedisBroker:
             events.append(Event(t, seq, ms, encode_frame(f"{self.epoch}-{'.'.join(map(str, v))}", body), key))
         return Replay(events, reset, floors)
 
-    async def _read(self, s: _Shard, topics: list[str], mode: str, after_seq: int, mark: bool
+    async def _read(self, s: _Shard, topics: list[str], mode: str, after_seq: int
                     ) -> tuple[str, int, list[tuple[bool, list[tuple[int, int, str | None, bytes]]]]]:
         client = s.client
         if client is None or not s.up:
@@ -506,10 +527,7 @@ class RedisBroker:
         keys = [f"{s.prefix}:seq", f"{s.prefix}:epoch", f"{s.prefix}:clock", *(s.stream_key(t) for t in topics)]
         args: list[object] = [mode, after_seq, *(self._settings(t)[1] for t in topics)]
         try:
-            if mark:
-                res = await client.fcall("ssegw_replay_mark", len(keys), *keys, *args, s.marker)
-            else:
-                res = await client.fcall_ro("ssegw_replay", len(keys), *keys, *args)
+            res = await client.fcall_ro("ssegw_replay", len(keys), *keys, *args)
         except _UNREACHABLE as e:
             raise BrokerUnavailable(f"redis unreachable: {e}") from None
         except ResponseError as e:
@@ -527,6 +545,47 @@ class RedisBroker:
                 evs.append((int(r[i]), int(r[i + 1]), key, r[i + 3]))
             out.append((covered, evs))
         return epoch, head, out
+
+    async def _synced(self, s: _Shard, topics: list[str]) -> None:
+        """Return once a sync sent after every one of ``topics`` was subscribed has come back
+        (at once if one already has)."""
+        confirmed_at = self._confirmed_at
+        if max(confirmed_at.get(t, 0) for t in topics) <= s.synced_upto:
+            return
+        if s.sync_next is None:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(_retrieve)
+            s.sync_next = fut
+        fut = s.sync_next
+        if not s.sync_running:
+            s.sync_running = True
+            asyncio.get_running_loop().create_task(self._sync_loop(s))
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), COMMAND_TIMEOUT)
+        except TimeoutError:
+            raise BrokerUnavailable("redis did not answer the sync") from None
+
+    async def _sync_loop(self, s: _Shard) -> None:
+        """Run syncs one at a time; callers that arrive while one is out share the next."""
+        try:
+            while s.sync_next is not None:
+                fut, s.sync_next = s.sync_next, None
+                gen = s.confirm_count
+                try:
+                    client = s.client
+                    if client is None or not s.up:
+                        raise BrokerUnavailable("redis is not connected")
+                    head = int(await client.fcall("ssegw_sync", 1, f"{s.prefix}:seq", s.marker))
+                    await self._wait_seq(s, head)
+                except (*_UNREACHABLE, RedisError, BrokerUnavailable) as e:
+                    if not fut.done():
+                        fut.set_exception(BrokerUnavailable(f"redis sync failed: {e}"))
+                    continue
+                s.synced_upto = max(s.synced_upto, gen)
+                if not fut.done():
+                    fut.set_result(None)
+        finally:
+            s.sync_running = False
 
     async def _wait_seq(self, s: _Shard, seq: int) -> None:
         if self.seqs[s.index] >= seq:
@@ -601,6 +660,10 @@ class RedisBroker:
 
     def _confirm(self, topic: str) -> None:
         self.confirmed.add(topic)
+        if len(self.shards) > 1:
+            s = self.shard_of(topic)
+            s.confirm_count += 1
+            self._confirmed_at[topic] = s.confirm_count
         for fut in self._waiters.pop(topic, ()):
             if not fut.done():
                 fut.set_result(None)
@@ -642,7 +705,10 @@ class RedisBroker:
     def _down(self, s: _Shard) -> None:
         s.up = False
         n = len(self.shards)
-        self.confirmed -= {t for t in self.confirmed if shard_index(t, n) == s.index}
+        gone = {t for t in self.confirmed if shard_index(t, n) == s.index}
+        self.confirmed -= gone
+        for t in gone:
+            self._confirmed_at.pop(t, None)
         self._fail_waiters(s)
         ps = s.pubsub
         s.pubsub = None
@@ -719,6 +785,7 @@ class RedisBroker:
                 if ch.startswith(chan_prefix):
                     topic = ch[len(chan_prefix):].decode()
                     self.confirmed.discard(topic)
+                    self._confirmed_at.pop(topic, None)
                     if topic in self.desired:
                         # Not asked for: the slot moved to another node (resharding or
                         # failover).  Reconnect to the new owner; the gap fill covers it.
@@ -727,7 +794,15 @@ class RedisBroker:
                     raise RedisConnectionError(f"{s.tag}: slot moved away from {s.node}")
 
     async def _fill_gap(self, s: _Shard, client: aioredis.Redis, topics: list[str]) -> None:
-        """After a (re)connect: deliver what was published while we were not listening."""
+        """After a (re)connect: deliver what was published while we were not listening.
+        The read happens after the session's subscriptions were confirmed, so it also
+        serves as their sync."""
+        gen = s.confirm_count
+        await self._fill(s, client, topics)
+        s.synced_upto = max(s.synced_upto, gen)
+        self._advanced(s)
+
+    async def _fill(self, s: _Shard, client: aioredis.Redis, topics: list[str]) -> None:
         k = s.index
         epoch_b = await client.get(f"{s.prefix}:epoch")
         epoch = epoch_b.decode() if epoch_b else ""
@@ -755,7 +830,7 @@ class RedisBroker:
             self.seqs[k] = max(self.seqs[k], int(head or 0))
             return
         s.up = True  # _read needs it; the reader has not started delivering yet
-        _, head, per_topic = await self._read(s, topics, "after", self.seqs[k], False)
+        _, head, per_topic = await self._read(s, topics, "after", self.seqs[k])
         lost = [t for t, (covered, _) in zip(topics, per_topic, strict=True) if not covered]
         raw = sorted((seq, ms, t, key, body) for t, (covered, evs) in zip(topics, per_topic, strict=True)
                      if covered for seq, ms, key, body in evs if seq > self.seqs[k])
@@ -865,6 +940,7 @@ class RedisBroker:
         for t in idle:
             self.desired.discard(t)
             self.confirmed.discard(t)
+            self._confirmed_at.pop(t, None)
             by_shard.setdefault(shard_index(t, n), []).append(t)
         for k, topics in by_shard.items():
             ps = self.shards[k].pubsub
@@ -921,6 +997,12 @@ async def _close_quietly(ps: aioredis.client.PubSub) -> None:
         await ps.aclose()
     except (*_UNREACHABLE, RedisError):
         pass  # the connection is already broken
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    """Mark a shared future's exception as seen (its waiters may all have timed out)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _b36(n: int) -> str:

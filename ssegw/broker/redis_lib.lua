@@ -211,17 +211,18 @@ local function replay(keys, args)
   return out
 end
 
--- The same read, then a marker on the caller's marker channel carrying the head it read.
--- ARGV as for replay, plus the marker channel last.  The marker reaches the caller's shard
--- pub/sub connection after every event up to that head, so once it has arrived the worker
--- knows its live stream of this shard is at least as far as the read (ssegw/broker/redis.py,
--- "Several shards").  Not read-only (SPUBLISH), so it runs on the shard's primary.
-local function replay_mark(keys, args)
-  local out = replay(keys, args)
-  redis.call('SPUBLISH', args[#args], out[2])
-  return out
+-- Sync (several shards): send the shard's current sequence to the caller's marker channel
+-- and return it.  The marker reaches the caller's shard pub/sub connection after every
+-- event published before it, so once it has arrived the caller has heard everything up to
+-- that sequence on the channels it subscribed before the call (ssegw/broker/redis.py,
+-- "Several shards").
+-- KEYS: seq   ARGV: marker channel
+local function sync(keys, args)
+  local head = tonumber(redis.call('GET', keys[1]) or '0')
+  redis.call('SPUBLISH', args[1], head)
+  return head
 end
 
 redis.register_function('ssegw_publish', publish)
 redis.register_function{function_name = 'ssegw_replay', callback = replay, flags = {'no-writes'}}
-redis.register_function('ssegw_replay_mark', replay_mark)
+redis.register_function('ssegw_sync', sync)
