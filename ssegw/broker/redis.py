@@ -405,21 +405,24 @@ class RedisBroker:
                     raise BrokerUnavailable(f"redis unreachable: {e}") from None
                 err: Exception = e
             except ResponseError as e:
-                if "Function not found" not in str(e):
-                    # Redis refused the call before running it (the library checks every
-                    # key before the first write): nothing of it was published.
+                err = e
+                if "Function not found" in str(e):
+                    # Redis came back without its data (and so without our library): load
+                    # it and retry; whatever an earlier attempt did went with the data.
+                    if client is not None:
+                        try:
+                            await self._load_library(client)
+                        except (*_UNREACHABLE, RedisError):
+                            pass
+                elif delay == 0.0:
+                    # Refused before running (OOM, READONLY, WRONGTYPE: the library checks
+                    # every key before its first write): nothing of this call was published.
                     self.publish_errors += 1
                     if first:
                         raise BrokerUnavailable(f"redis refused the publish: {e}") from None
                     raise PublishUnresolved(f"published on some shards only; then redis refused: {e}") from None
-                # Redis came back without its data (and so without our library): load it
-                # and retry; whatever the first call did went with the data.
-                err = e
-                if client is not None:
-                    try:
-                        await self._load_library(client)
-                    except (*_UNREACHABLE, RedisError):
-                        pass
+                # A refusal of a *retry* says nothing about the attempt whose reply was
+                # lost: keep asking until Redis answers for the token (or give up: 504).
             self.publish_retries += 1
             delay = min(max(delay * 2, BACKOFF_MIN), 1.0)
             if loop.time() + delay >= deadline:
