@@ -195,21 +195,26 @@ def test_chunk_framing_is_valid_across_flushes(plan: list[list[tuple[str, str]]]
     assert len(single.writes) == sum(1 for b in plan if any(tp == "a" for tp, _ in b))
 
 
-# -- sequence watermark ----------------------------------------------------------------
+# -- arrival order across shards ------------------------------------------------------
 
 
-def test_flushed_seq_follows_flushes() -> None:
+def test_multi_topic_connection_gets_events_in_arrival_order_not_seq_order() -> None:
+    """With several broker shards, seqs of different topics are unrelated: a connection on
+    topics of two shards must get a sweep's events in the order they were queued."""
     r = Rig()
-    r.conn("a")
-    r.publish(ev(1, "a"), ev(2, "nobody"))
-    assert r.fan.pending_seq == 2
-    assert r.fan.flushed_seq == 0
+    c = r.conn("a", "b")
+    r.publish(ev(10, "a"), ev(3, "b"), ev(11, "a"), ev(4, "b"))
     r.fan.flush(0)
-    assert r.fan.flushed_seq == 2
-    r.publish(ev(3, "nobody"))
-    assert r.fan.flushed_seq == 2
-    r.fan.flush(0)  # nothing dirty, but the watermark still moves
-    assert r.fan.flushed_seq == 3
+    assert seqs(c) == [10, 3, 11, 4]
+
+
+def test_held_events_of_two_shards_with_the_same_seq_are_both_kept() -> None:
+    r = Rig()
+    c = r.conn("a", "b")
+    c.paused = True
+    r.publish(ev(7, "a"), ev(7, "b"))
+    r.fan.flush(0)
+    assert c.pending is not None and len(c.pending) == 2
 
 
 # -- slow consumers --------------------------------------------------------------------

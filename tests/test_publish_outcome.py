@@ -177,6 +177,17 @@ def test_reply_lost_then_outage_gets_200_once(gw, proxy, direct) -> None:
     publish_across_outage(gw, proxy, direct, [{"topic": new_topic("one"), "data": "lost-reply"}], drop=False)
 
 
+def test_publish_waiting_for_redis_is_not_cut_by_head_timeout(gateway, proxy, direct) -> None:
+    """head_timeout bounds how long a *client* takes to send its request; once the request is
+    in, a publish waiting for Redis to come back is the gateway's wait (CI once saw a 408
+    here when the outage outlasted head_timeout)."""
+    g = gateway("--redis", proxy.url, "--head-timeout", "2s", "--heartbeat-interval", "500ms",
+                "--flush-interval", "10ms")
+    assert wait_until(lambda: ready(g), 10, 0.05), "gateway never became ready"
+    assert OUTAGE > 2 * 2
+    publish_across_outage(g, proxy, direct, [{"topic": new_topic("slow"), "data": "over-head-timeout"}], drop=False)
+
+
 def test_batch_reply_lost_then_outage_gets_200_once(gw, proxy, direct) -> None:
     t1, t2 = new_topic("b1"), new_topic("b2")
     msgs = [{"topic": t1, "data": "b0"}, {"topic": t2, "data": "b1"}, {"topic": t1, "data": "b2"}]

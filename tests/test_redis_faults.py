@@ -215,7 +215,8 @@ def run_kill_cycles(redis: RedisServer, tmp_path, cycles: int, outage: float, be
                 assert wait_until(lambda g=g: ready(g), 15, 0.05), f"cycle {cycle}: gateway did not recover"
         time.sleep(between)
         pub.stop()
-        assert not pub.unexpected, pub.unexpected[:10]
+        assert not pub.unexpected, (pub.unexpected[:10], [list(g.log)[-40:] for g in gws],
+                                    [e for e in pub.log if e[2] not in (200, 503)], outages)
         assert len(pub.acked) > 20 * cycles
         # A 2xx only while Redis was reachable: no request sent well inside an outage (after
         # the gateways saw Redis go) was acknowledged before Redis came back.

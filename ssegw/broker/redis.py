@@ -249,6 +249,8 @@ class RedisBroker:
         return bool(self.shards) and all(s.up for s in self.shards)
 
     def ready(self) -> bool:
+        """Every shard is connected (on a cluster with a primary down, the topics of the
+        other shards still work, but the gateway does not call itself ready)."""
         return self.up
 
     async def wait_ready(self, timeout: float) -> bool:
@@ -361,11 +363,16 @@ class RedisBroker:
         publish in flight when Redis dies waits for Redis and gets its real answer.  Only if
         Redis stays away past ``RESOLVE_TIMEOUT`` (well inside the token's 2 min life) does
         the caller get ``PublishUnresolved``."""
-        if not self.up:
+        if not self.shards:
             raise BrokerUnavailable("redis is not connected")
         groups: dict[int, list[int]] = {}
         for i, m in enumerate(messages):
             groups.setdefault(shard_index(m.topic, len(self.shards)), []).append(i)
+        # Only the shards this request touches need to be up: a cluster with one primary
+        # gone keeps serving the topics of the others.
+        down = [self.shards[k].tag for k in groups if not self.shards[k].up]
+        if down:
+            raise BrokerUnavailable(f"redis is not connected ({', '.join(down)})")
         ids: list[str] = [""] * len(messages)
         first = True
         for k in sorted(groups):
@@ -453,12 +460,12 @@ class RedisBroker:
 
     async def replay(self, topics: tuple[str, ...], after: tuple[str, tuple[int, ...]] | None,
                      since: str | None) -> Replay:
-        if not self.up:
+        n = len(self.shards)
+        if not n or not all(self.shards[shard_index(t, n)].up for t in topics):
             raise BrokerUnavailable("redis is not connected")
         await self._wait_subscribed(topics)
         if after is None and since is None:
             return Replay([], [])
-        n = len(self.shards)
         if after is not None:
             a_epoch, seqs = after
             if a_epoch != self.epoch or len(seqs) != n:

@@ -93,8 +93,7 @@ class Fanout:
         self.on_drop = on_drop  # called for a connection that must be closed, with a reason
         self.dirty: list[TopicState] = []
         self.queued_writes = 0  # subscriber-writes waiting for the next flush
-        self.flushed_seq = 0
-        self.pending_seq = 0  # highest seq queued in a batch
+        self.arrivals = 0  # events queued so far: each one's ``n``
         self.current: _Sweep | None = None  # the sweep in progress, if any
         self.stats = FlushStats()
 
@@ -102,8 +101,8 @@ class Fanout:
 
     def publish(self, ev: Event) -> int:
         """Queue ``ev`` for its topic's subscribers.  Returns the writes now queued."""
-        if ev.seq > self.pending_seq:
-            self.pending_seq = ev.seq
+        self.arrivals += 1
+        ev.n = self.arrivals
         ts = self.table.topics.get(ev.topic)
         if ts is None or not ts.subs:
             return self.queued_writes
@@ -135,7 +134,6 @@ class Fanout:
         sw = self.current
         if sw is None:
             if not self.dirty:
-                self.flushed_seq = self.pending_seq
                 return True, 0
             sw = self.current = self._begin()
         items = sw.items
@@ -223,7 +221,10 @@ class Fanout:
             for conn, evs in sw.multi.items():
                 if conn.state == CLOSED:
                     continue
-                evs.sort(key=_seq)  # interleave topics in publish order
+                # Interleave topics in the order the events came: with one broker shard
+                # that is publish (seq) order; with several, seqs of different shards are
+                # unrelated and each frame's vector id is only right in arrival order.
+                evs.sort(key=_arrival)
                 if conn.floor is not None:
                     evs = self._apply_floor(conn, evs)
                     if not evs:
@@ -250,7 +251,6 @@ class Fanout:
         dirty = self.dirty
         self.dirty = []
         self.queued_writes = 0
-        self.flushed_seq = self.pending_seq
         sw = _Sweep()
         topics = self.table.topics
         for ts in dirty:
@@ -336,7 +336,7 @@ class Fanout:
                     size -= len(old.frame)  # type: ignore[attr-defined]
                     stats.conflated += 1
             else:
-                k = ev.seq
+                k = (ev.topic, ev.seq)  # a seq alone is not unique across broker shards
             pending[k] = ev
             size += len(ev.frame)
             stats.held += 1
@@ -359,5 +359,5 @@ class Fanout:
         self.stats.bytes_written += n
 
 
-def _seq(e: Event) -> int:
-    return e.seq
+def _arrival(e: Event) -> int:
+    return e.n

@@ -20,10 +20,12 @@ class Event:
     """One published event as every subscriber will receive it.
 
     ``frame`` is the complete SSE block (``id:``, ``event:``, ``data:``, blank line),
-    encoded once and shared.
+    encoded once and shared.  ``seq`` orders events of one broker shard; ``n`` is the
+    order in which this process queued events for fan-out (set by ``Fanout.publish``),
+    the only order that holds across shards.
     """
 
-    __slots__ = ("topic", "seq", "ts_ms", "frame", "key")
+    __slots__ = ("topic", "seq", "ts_ms", "frame", "key", "n")
 
     def __init__(self, topic: str, seq: int, ts_ms: int, frame: bytes, key: str | None) -> None:
         self.topic = topic
@@ -31,6 +33,7 @@ class Event:
         self.ts_ms = ts_ms
         self.frame = frame
         self.key = key
+        self.n = 0
 
     def __repr__(self) -> str:
         return f"Event({self.topic!r}, seq={self.seq})"

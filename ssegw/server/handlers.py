@@ -312,8 +312,13 @@ def publish(w: Worker, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
         ids = now_pub(msgs)
         _published(w, p, ids, len(msgs), cors)
         return
-    if not broker.ready():  # type: ignore[attr-defined]
-        raise Unavailable("broker unavailable: nothing was published, retry", headers=(("Retry-After", "1"),))
+    # No readiness check here: the broker answers for the shards this request touches
+    # (BrokerUnavailable -> 503 at once when one of them is down).
+    if p.timer is not None:
+        # The request is in: from here the wait is ours (a publish in flight when Redis
+        # dies waits for Redis, up to the broker's resolve timeout), not the client's.
+        w.wheel.cancel(p.timer)  # type: ignore[union-attr]
+        p.timer = None
     task = asyncio.get_running_loop().create_task(broker.publish(msgs))  # type: ignore[attr-defined]
     task.add_done_callback(lambda t: _publish_done(w, p, t, len(msgs), cors))
 
