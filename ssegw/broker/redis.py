@@ -140,7 +140,7 @@ class _Shard:
     session and how far this worker has received its sequence."""
 
     __slots__ = ("index", "tag", "prefix", "chan_prefix", "marker", "client", "node", "pubsub", "task",
-                 "epoch", "up", "reconnects", "waits", "to_subscribe", "confirm_count", "synced_upto",
+                 "epoch", "up", "reconnects", "waits", "to_subscribe", "unsubscribing", "confirm_count", "synced_upto",
                  "sync_next", "sync_running")
 
     def __init__(self, index: int, tag: str, worker_id: str) -> None:
@@ -159,6 +159,8 @@ class _Shard:
         #: (sequence, future) pairs waiting for the watermark to reach the sequence
         self.waits: list[tuple[int, asyncio.Future[None]]] = []
         self.to_subscribe: list[str] = []
+        #: topics we sent SUNSUBSCRIBE for and whose confirmation has not come yet
+        self.unsubscribing: dict[str, int] = {}
         #: subscriptions confirmed so far; syncs cover those confirmed before they were sent
         self.confirm_count = 0
         self.synced_upto = 0
@@ -714,6 +716,7 @@ class RedisBroker:
 
     def _down(self, s: _Shard) -> None:
         s.up = False
+        s.unsubscribing.clear()
         n = len(self.shards)
         gone = {t for t in self.confirmed if shard_index(t, n) == s.index}
         self.confirmed -= gone
@@ -796,7 +799,12 @@ class RedisBroker:
                     topic = ch[len(chan_prefix):].decode()
                     self.confirmed.discard(topic)
                     self._confirmed_at.pop(topic, None)
-                    if topic in self.desired:
+                    asked = s.unsubscribing.get(topic, 0)
+                    if asked > 1:
+                        s.unsubscribing[topic] = asked - 1
+                    elif asked:
+                        del s.unsubscribing[topic]
+                    elif topic in self.desired:
                         # Not asked for: the slot moved to another node (resharding or
                         # failover).  Reconnect to the new owner; the gap fill covers it.
                         raise RedisConnectionError(f"{s.tag}: slot moved away from {s.node}")
@@ -953,9 +961,14 @@ class RedisBroker:
             self._confirmed_at.pop(t, None)
             by_shard.setdefault(shard_index(t, n), []).append(t)
         for k, topics in by_shard.items():
-            ps = self.shards[k].pubsub
+            sh = self.shards[k]
+            ps = sh.pubsub
             if ps is not None:
-                await ps.sunsubscribe(*(self.shards[k].channel(t) for t in topics))
+                # Remembered so that the confirmations are not taken for "slot moved" even
+                # when a topic is wanted again before its confirmation arrives.
+                for t in topics:
+                    sh.unsubscribing[t] = sh.unsubscribing.get(t, 0) + 1
+                await ps.sunsubscribe(*(sh.channel(t) for t in topics))
 
     async def subscribers(self, topic: str, local: int) -> int:
         first = self.shards[0] if self.shards else None
