@@ -78,21 +78,6 @@ class RedisCluster:
             time.sleep(0.1)
         raise RuntimeError("the cluster did not reach cluster_state:ok")
 
-    def node_for_slot(self, slot: int) -> RedisServer:
-        for n in self.nodes:
-            reply = n.command("CLUSTER", "NODES").decode()
-            for line in reply.splitlines():
-                parts = line.split()
-                if "myself" not in parts[2]:
-                    continue
-                for r in parts[8:]:
-                    if r.startswith("["):
-                        continue
-                    lo, _, hi = r.partition("-")
-                    if int(lo) <= slot <= int(hi or lo):
-                        return n
-        raise LookupError(slot)
-
     def stop(self) -> None:
         for n in self.nodes:
             n.stop()
