@@ -1,0 +1,443 @@
+"""The listening half of the Redis broker: subscriptions, one pub/sub session per shard,
+gap fills after a reconnect, and syncs.
+
+``Listener`` is a mixin of :class:`ssegw.broker.redis.RedisBroker`; its state is created in
+``RedisBroker.__init__`` (the attributes annotated below) and it calls back into the broker
+for what both halves use (``_read``, ``_id_at``, ``_set_epoch``).
+
+- Each worker subscribes (SSUBSCRIBE) to the channels of the topics its clients need: on a
+  topic's first local subscriber one SSUBSCRIBE per shard for all topics wanted in that loop
+  turn; on its last, a SUNSUBSCRIBE on the next housekeeping pass (a client that reconnects
+  at once costs nothing).  A stream's replay waits for its topics' confirmations.
+- A shard's session: connect to the node serving it, load the function library, make sure
+  the shard has an epoch, subscribe the marker channel and every wanted topic, wait for the
+  confirmations, fill the gap (read every subscribed topic's history after the last
+  sequence received), then deliver messages as they come, pinging a silent connection.  Any
+  error ends the session: the shard is down (its waiters fail, its topics unconfirmed) and
+  the session starts again after a jittered backoff.
+- An unrequested SUNSUBSCRIBE means the slot moved to another node: reconnect (the layout
+  re-resolves the node) and let the gap fill cover the move.
+- Syncs (several shards only): see "Several shards" in ``redis.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..core.history import Event
+from ..core.sse import encode_frame
+from .base import BrokerUnavailable
+from .redis_layout import COMMAND_TIMEOUT, UNREACHABLE, Layout, Shard, load_library, new_epoch, shard_index
+
+log = logging.getLogger("ssegw.redis")
+
+#: Reconnect backoff bounds (seconds); each wait is jittered by +-50%.
+BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
+#: Idle seconds on a pub/sub connection before we check Redis is still there.
+PING_EVERY = 3.0
+
+
+class Listener:
+    shards: list[Shard]
+    seqs: list[int]
+    desired: set[str]
+    confirmed: set[str]
+    _confirmed_at: dict[str, int]
+    _waiters: dict[str, list[asyncio.Future[None]]]
+    _idle: set[str]
+    _deliver: Callable[[list[Event]], None] | None
+    _on_gap: Callable[[list[str] | None], None] | None
+    _closed: bool
+    _layout: Layout
+    reconnects: int
+    gap_fills: int
+    gap_events: int
+    gap_lost: int
+
+    if TYPE_CHECKING:
+        def shard_of(self, topic: str) -> Shard: ...
+        def _id_at(self, k: int, seq: int) -> str: ...
+        def _set_epoch(self) -> None: ...
+        async def _read(self, s: Shard, topics: list[str], mode: str, after_seq: int
+                        ) -> tuple[str, int, list[tuple[bool, list[tuple[int, int, str | None, bytes]]]]]: ...
+
+    async def _synced(self, s: Shard, topics: list[str]) -> None:
+        """Return once a sync sent after every one of ``topics`` was subscribed has come back
+        (at once if one already has)."""
+        confirmed_at = self._confirmed_at
+        if max(confirmed_at.get(t, 0) for t in topics) <= s.synced_upto:
+            return
+        if s.sync_next is None:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(_retrieve)
+            s.sync_next = fut
+        fut = s.sync_next
+        if not s.sync_running:
+            s.sync_running = True
+            asyncio.get_running_loop().create_task(self._sync_loop(s))
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), COMMAND_TIMEOUT)
+        except TimeoutError:
+            raise BrokerUnavailable("redis did not answer the sync") from None
+
+    async def _sync_loop(self, s: Shard) -> None:
+        """Run syncs one at a time; callers that arrive while one is out share the next."""
+        try:
+            while s.sync_next is not None:
+                fut, s.sync_next = s.sync_next, None
+                gen = s.confirm_count
+                try:
+                    client = s.client
+                    if client is None or not s.up:
+                        raise BrokerUnavailable("redis is not connected")
+                    head = int(await client.fcall("ssegw_sync", 1, f"{s.prefix}:seq", s.marker))
+                    await self._wait_seq(s, head)
+                except (*UNREACHABLE, RedisError, BrokerUnavailable) as e:
+                    if not fut.done():
+                        fut.set_exception(BrokerUnavailable(f"redis sync failed: {e}"))
+                    continue
+                s.synced_upto = max(s.synced_upto, gen)
+                if not fut.done():
+                    fut.set_result(None)
+        finally:
+            s.sync_running = False
+
+    async def _wait_seq(self, s: Shard, seq: int) -> None:
+        if self.seqs[s.index] >= seq:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        s.waits.append((seq, fut))
+        try:
+            await asyncio.wait_for(fut, COMMAND_TIMEOUT)
+        except TimeoutError:
+            raise BrokerUnavailable("redis did not deliver the replay marker") from None
+
+    def _advanced(self, s: Shard) -> None:
+        at = self.seqs[s.index]
+        keep = []
+        for seq, fut in s.waits:
+            if fut.done():
+                continue
+            if seq <= at:
+                fut.set_result(None)
+            else:
+                keep.append((seq, fut))
+        s.waits = keep
+
+    # -- subscriptions ----------------------------------------------------------------
+
+    def interest(self, topic: str, on: bool) -> None:
+        if on:
+            self._idle.discard(topic)
+            if topic not in self.desired:
+                self.desired.add(topic)
+                if not self.shards:
+                    return  # subscribed when the shard's session starts
+                s = self.shard_of(topic)
+                if s.pubsub is not None and s.up:
+                    # One SSUBSCRIBE per shard for all topics that became wanted in this turn.
+                    if not s.to_subscribe:
+                        asyncio.get_running_loop().call_soon(self._subscribe_soon, s)
+                    s.to_subscribe.append(topic)
+        elif topic in self.desired:
+            # Unsubscribe lazily: a client that reconnects at once should not cost two
+            # round trips and a gap in between.
+            self._idle.add(topic)
+
+    def _subscribe_soon(self, s: Shard) -> None:
+        topics, s.to_subscribe = s.to_subscribe, []
+        if topics:
+            asyncio.get_running_loop().create_task(self._subscribe(s, topics))
+
+    async def _subscribe(self, s: Shard, topics: list[str]) -> None:
+        ps = s.pubsub
+        if ps is None:
+            return
+        try:
+            await ps.ssubscribe(*(s.channel(t) for t in topics))
+        except UNREACHABLE:
+            pass  # the reader notices and reconnects; resubscribing covers these topics
+
+    async def _wait_subscribed(self, topics: tuple[str, ...]) -> None:
+        loop = asyncio.get_running_loop()
+        futs = []
+        for t in topics:
+            if t in self.confirmed:
+                continue
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(t, []).append(fut)
+            futs.append(fut)
+        if futs:
+            try:
+                await asyncio.wait_for(asyncio.gather(*futs), COMMAND_TIMEOUT)
+            except TimeoutError:
+                raise BrokerUnavailable("redis did not confirm the subscription") from None
+
+    def _confirm(self, topic: str) -> None:
+        self.confirmed.add(topic)
+        if len(self.shards) > 1:
+            s = self.shard_of(topic)
+            s.confirm_count += 1
+            self._confirmed_at[topic] = s.confirm_count
+        for fut in self._waiters.pop(topic, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    def _fail_waiters(self, s: Shard) -> None:
+        n = len(self.shards)
+        for t in [t for t in self._waiters if shard_index(t, n) == s.index]:
+            for fut in self._waiters.pop(t):
+                if not fut.done():
+                    fut.set_exception(BrokerUnavailable("redis connection lost"))
+        for _, fut in s.waits:
+            if not fut.done():
+                fut.set_exception(BrokerUnavailable("redis connection lost"))
+        s.waits = []
+
+    # -- the pub/sub readers (one per shard) ----------------------------------------------
+
+    async def _run(self, s: Shard) -> None:
+        backoff = BACKOFF_MIN
+        while not self._closed:
+            try:
+                await self._session(s)
+            except asyncio.CancelledError:
+                raise
+            except (*UNREACHABLE, RedisError) as e:
+                if s.up:
+                    log.warning("redis connection lost (%s): %s", s.tag, e)
+                self._down(s)
+            except Exception:  # a bug of ours: log it, reconnect rather than stop serving
+                log.exception("redis reader failed (%s)", s.tag)
+                self._down(s)
+            if self._closed:
+                return
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            if s.up:
+                backoff = BACKOFF_MIN
+
+    def _down(self, s: Shard) -> None:
+        s.up = False
+        s.unsubscribing.clear()
+        n = len(self.shards)
+        gone = {t for t in self.confirmed if shard_index(t, n) == s.index}
+        self.confirmed -= gone
+        for t in gone:
+            self._confirmed_at.pop(t, None)
+        self._fail_waiters(s)
+        ps = s.pubsub
+        s.pubsub = None
+        if ps is not None:
+            asyncio.get_running_loop().create_task(close_quietly(ps))
+
+    async def _session(self, s: Shard) -> None:
+        client = await self._layout.connect(s)
+        await client.ping()
+        await load_library(client)
+        # The epoch names this incarnation of the shard's sequence; create it if Redis has
+        # none (a new Redis, or one that lost its data) so that pub/sub ids can be formed.
+        await client.set(f"{s.prefix}:epoch", new_epoch(), nx=True)
+        ps = client.pubsub()
+        s.pubsub = ps
+        n = len(self.shards)
+        topics = sorted(t for t in self.desired if shard_index(t, n) == s.index)
+        await ps.ssubscribe(s.marker)  # keeps the connection subscribed with no topics
+        for i in range(0, len(topics), 1000):
+            await ps.ssubscribe(*(s.channel(t) for t in topics[i:i + 1000]))
+        # Wait for the confirmations so that the gap fill below starts after them.
+        pending = {s.channel(t).encode() for t in topics} | {s.marker.encode()}
+        buffered: list[dict] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + COMMAND_TIMEOUT
+        while pending:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise RedisTimeoutError("no subscription confirmation")
+            m = await ps.get_message(ignore_subscribe_messages=False, timeout=left)
+            if m is None:
+                continue
+            if m["type"] == "ssubscribe":
+                pending.discard(m["channel"])
+            else:
+                buffered.append(m)
+        for t in topics:
+            self._confirm(t)
+        await self._fill_gap(s, client, topics)
+        if s.reconnects:
+            log.info("redis reconnected (%s, %d topics resubscribed)", s.tag, len(topics))
+        s.reconnects += 1
+        self.reconnects += 1
+        s.up = True
+        # Topics that became wanted while we were connecting were not in the snapshot
+        # above and got no SSUBSCRIBE (interest() sends one only while up): send it now.
+        late = sorted(t for t in self.desired - set(topics) if shard_index(t, n) == s.index)
+        if late:
+            await ps.ssubscribe(*(s.channel(t) for t in late))
+        for m in buffered:
+            self._on_message(s, m)
+        idle = 0.0
+        chan_prefix = s.chan_prefix
+        while True:
+            m = await ps.get_message(ignore_subscribe_messages=False, timeout=1.0)
+            if m is None:
+                # A silent connection may be a dead one (no FIN from a vanished host):
+                # ping it every few idle seconds; a failure raises and we reconnect.
+                idle += 1.0
+                if idle >= PING_EVERY:
+                    idle = 0.0
+                    await asyncio.wait_for(client.ping(), COMMAND_TIMEOUT)
+                continue
+            idle = 0.0
+            typ = m["type"]
+            if typ == "smessage":
+                self._on_message(s, m)
+            elif typ == "ssubscribe":
+                ch = m["channel"]
+                if ch.startswith(chan_prefix):
+                    self._confirm(ch[len(chan_prefix):].decode())
+            elif typ == "sunsubscribe":
+                ch = m["channel"]
+                if ch.startswith(chan_prefix):
+                    topic = ch[len(chan_prefix):].decode()
+                    self.confirmed.discard(topic)
+                    self._confirmed_at.pop(topic, None)
+                    asked = s.unsubscribing.get(topic, 0)
+                    if asked > 1:
+                        s.unsubscribing[topic] = asked - 1
+                    elif asked:
+                        del s.unsubscribing[topic]
+                    elif topic in self.desired:
+                        # Not asked for: the slot moved to another node (resharding or
+                        # failover).  Reconnect to the new owner; the gap fill covers it.
+                        raise RedisConnectionError(f"{s.tag}: slot moved away from {s.node}")
+                elif ch == s.marker.encode():
+                    raise RedisConnectionError(f"{s.tag}: slot moved away from {s.node}")
+
+    async def _fill_gap(self, s: Shard, client: aioredis.Redis, topics: list[str]) -> None:
+        """After a (re)connect: deliver what was published while we were not listening.
+        The read happens after the session's subscriptions were confirmed, so it also
+        serves as their sync."""
+        gen = s.confirm_count
+        await self._fill(s, client, topics)
+        s.synced_upto = max(s.synced_upto, gen)
+        self._advanced(s)
+
+    async def _fill(self, s: Shard, client: aioredis.Redis, topics: list[str]) -> None:
+        k = s.index
+        epoch_b = await client.get(f"{s.prefix}:epoch")
+        epoch = epoch_b.decode() if epoch_b else ""
+        if not s.epoch:
+            s.epoch = epoch
+            self._set_epoch()
+            if not self.seqs[k]:
+                head = await client.get(f"{s.prefix}:seq")
+                self.seqs[k] = int(head or 0)
+                return
+        if epoch != s.epoch and epoch:
+            # Redis lost its data (or is another Redis): what we missed cannot be placed.
+            log.warning("redis epoch changed on %s (%s -> %s): closing streams so clients resume",
+                        s.tag, s.epoch, epoch)
+            s.epoch = epoch
+            self._set_epoch()
+            head = await client.get(f"{s.prefix}:seq")
+            self.seqs[k] = int(head or 0)
+            self.gap_lost += 1
+            if self._on_gap is not None:
+                self._on_gap(None)
+            return
+        if not topics:
+            head = await client.get(f"{s.prefix}:seq")
+            self.seqs[k] = max(self.seqs[k], int(head or 0))
+            return
+        s.up = True  # _read needs it; the reader has not started delivering yet
+        _, head, per_topic = await self._read(s, topics, "after", self.seqs[k])
+        lost = [t for t, (covered, _) in zip(topics, per_topic, strict=True) if not covered]
+        raw = sorted((seq, ms, t, key, body) for t, (covered, evs) in zip(topics, per_topic, strict=True)
+                     if covered for seq, ms, key, body in evs if seq > self.seqs[k])
+        events = []
+        for seq, ms, t, key, body in raw:
+            self.seqs[k] = seq
+            events.append(Event(t, seq, ms, encode_frame(self._id_at(k, seq), body), key))
+        self.gap_fills += 1
+        self.gap_events += len(events)
+        if events and self._deliver is not None:
+            self._deliver(events)
+        self.seqs[k] = max(self.seqs[k], head)
+        if lost:
+            self.gap_lost += 1
+            log.warning("history no longer covers the outage for %d topics: closing their streams", len(lost))
+            if self._on_gap is not None:
+                self._on_gap(lost)
+
+    def _on_message(self, s: Shard, m: dict) -> None:
+        ch: bytes = m["channel"]
+        data: bytes = m["data"]
+        k = s.index
+        if not ch.startswith(s.chan_prefix):
+            if ch == s.marker.encode():  # a replay's marker: we have heard up to its head
+                if int(data) > self.seqs[k]:
+                    self.seqs[k] = int(data)
+                self._advanced(s)
+            return
+        seq_b, ms_b, klen_b, rest = data.split(b":", 3)
+        seq = int(seq_b)
+        if seq <= self.seqs[k]:
+            return  # already delivered by a gap fill
+        self.seqs[k] = seq
+        klen = int(klen_b)
+        if klen >= 0:
+            key: str | None = rest[:klen].decode()
+            body = rest[klen:]
+        else:
+            key, body = None, rest
+        topic = ch[len(s.chan_prefix):].decode()
+        ev = Event(topic, seq, int(ms_b), encode_frame(self._id_at(k, seq), body), key)
+        if s.waits:
+            self._advanced(s)
+        if self._deliver is not None:
+            self._deliver([ev])
+
+    async def _unsubscribe_idle(self) -> None:
+        idle = self._idle
+        if not idle:
+            return
+        self._idle = set()
+        n = len(self.shards)
+        by_shard: dict[int, list[str]] = {}
+        for t in idle:
+            self.desired.discard(t)
+            self.confirmed.discard(t)
+            self._confirmed_at.pop(t, None)
+            by_shard.setdefault(shard_index(t, n), []).append(t)
+        for k, topics in by_shard.items():
+            sh = self.shards[k]
+            ps = sh.pubsub
+            if ps is not None:
+                # Remembered so that the confirmations are not taken for "slot moved" even
+                # when a topic is wanted again before its confirmation arrives.
+                for t in topics:
+                    sh.unsubscribing[t] = sh.unsubscribing.get(t, 0) + 1
+                await ps.sunsubscribe(*(sh.channel(t) for t in topics))
+
+
+async def close_quietly(ps: aioredis.client.PubSub) -> None:
+    try:
+        await ps.aclose()
+    except (*UNREACHABLE, RedisError):
+        pass  # the connection is already broken
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    """Mark a shared future's exception as seen (its waiters may all have timed out)."""
+    if not fut.cancelled():
+        fut.exception()
