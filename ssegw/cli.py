@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -76,6 +77,11 @@ def _event_loop_run(main: object) -> None:
 
 
 def _run_worker(cfg: Config, sock: socket.socket | None, control: str | None) -> int:
+    if sock is not None and cfg.max_connections > 0:
+        # max_connections is per host: each of the supervisor's workers enforces its share
+        # (the kernel spreads connections evenly over SO_REUSEPORT sockets).
+        n = cfg.workers or (os.cpu_count() or 1)
+        cfg = dataclasses.replace(cfg, max_connections=-(-cfg.max_connections // n))
     broker = make_broker(cfg)
     from .server.worker import Worker
 

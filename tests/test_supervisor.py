@@ -534,3 +534,30 @@ def test_workers_0_means_one_per_cpu(cluster):
     finally:
         for s in streams:
             s.close()
+
+
+def test_max_connections_is_per_host_each_worker_enforcing_its_share(cluster):
+    """Contract: max_connections is per host, each worker enforces its share.  With 2
+    workers and max_connections 4, each worker admits 2 streams: the host never holds more
+    than 4, and every worker refuses its third with 503 + Retry-After."""
+    g = cluster("--max-connections", "4", workers=2)
+    topic = uniq("cap")
+    streams: list[Stream] = []
+    try:
+        codes = []
+        for _ in range(12):
+            s = g.stream(f"/events?topic={topic}")
+            codes.append(s.status)
+            if s.status == 200:
+                streams.append(s)
+            else:
+                assert s.status == 503 and s.headers.get("retry-after"), (s.status, s.headers)
+                s.close()
+        per_worker = streams_open(g)
+        assert codes.count(200) == sum(per_worker) <= 4, (codes, per_worker)
+        assert all(n <= 2 for n in per_worker), per_worker
+        assert codes.count(503) >= 8
+    finally:
+        for s in streams:
+            s.close()
+

@@ -13,7 +13,6 @@ or a failover is followed.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
 import zlib
 from importlib import resources
@@ -26,7 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 #: The one shard of a standalone Redis (also the first candidate tag on a cluster).
@@ -164,15 +163,19 @@ def pick_tags(cluster: RedisCluster) -> list[str]:
     primaries = {(n.host, n.port) for n in cluster.get_primaries()}
     tags: list[str] = []
     taken: set[tuple[str, int]] = set()
-    for i in itertools.count():
+    for i in range(100_000):
         tag = f"ssegw:{i}"
-        node = cluster.nodes_manager.get_node_from_slot(key_slot(("{" + tag + "}").encode()))
+        try:
+            node = cluster.nodes_manager.get_node_from_slot(key_slot(("{" + tag + "}").encode()))
+        except RedisError:  # a slot nobody serves: the cluster is not ready
+            node = None
         if node is not None and (node.host, node.port) not in taken:
             taken.add((node.host, node.port))
             tags.append(tag)
-        if len(taken) == len(primaries) or i > 100_000:
-            return tags
-    return tags  # pragma: no cover (itertools.count never ends)
+            if len(taken) == len(primaries):
+                return tags
+    # Never store a partial layout: it would be permanent.  Try again once the cluster is up.
+    raise RedisConnectionError(f"the cluster's slots are not all served yet ({len(primaries)} primaries)")
 
 
 async def load_library(client: aioredis.Redis) -> None:
