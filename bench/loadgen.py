@@ -118,6 +118,7 @@ class Prober:
         self.rss_max = 0
         self.task: asyncio.Task[None] | None = None
         self.rss_task: asyncio.Task[None] | None = None
+        self.halt = False
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -127,7 +128,7 @@ class Prober:
 
     async def _rss(self) -> None:
         assert self.rss is not None
-        while True:
+        while not self.halt:
             try:
                 self.rss_max = max(self.rss_max, self.rss())
             except (OSError, RuntimeError):
@@ -135,7 +136,7 @@ class Prober:
             await asyncio.sleep(0.1)
 
     async def _run(self) -> None:
-        while True:
+        while not self.halt:
             t = time.monotonic()
             try:
                 await self.admin.get("/healthz", timeout=60)
@@ -146,13 +147,15 @@ class Prober:
             await asyncio.sleep(self.period)
 
     async def stop(self) -> dict[str, object]:
+        # A flag as well as cancel(): on Python 3.11 asyncio.wait_for drops a cancel that
+        # arrives in the same loop turn as its answer, and the probe loop would go on.
+        self.halt = True
         for t in (self.task, self.rss_task):
-            if t is not None:
+            for _ in range(120):  # bounded: a probe times out after 60 s anyway
+                if t is None or t.done():
+                    break
                 t.cancel()
-                try:
-                    await t
-                except asyncio.CancelledError:
-                    pass
+                await asyncio.wait({t}, timeout=0.5)
         out = summarize_ms(self.rtts)
         if self.rss is not None:
             out["server_rss_max_mib"] = round(self.rss_max / 2**20, 1)

@@ -474,6 +474,18 @@ def _tallying(ntopics: int, fmt: str, counts: list[int], rng: random.Random):  #
 # -- command line -----------------------------------------------------------------------
 
 
+def add_window_args(p: argparse.ArgumentParser) -> None:
+    """Publisher, pass/fail and quiet-machine options shared by every measuring command."""
+    p.add_argument("--pub-conns", type=int, default=4, help="publisher keep-alive connections")
+    p.add_argument("--max-p99-ms", type=float, default=2000.0, help="latency p99 above this fails a run")
+    p.add_argument("--attempts", type=int, default=3,
+                   help="measure a window again (up to this many times) if other processes disturbed it")
+    p.add_argument("--max-foreign", type=float, default=20.0,
+                   help="CPU %% of processes not ours during a window above which it is measured again")
+    p.add_argument("--quiet-wait", type=float, default=120.0,
+                   help="before a measurement, wait up to this many s for both cores to be idle (0 = don't)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bench/run.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -482,14 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--procs", type=int, default=1, help="subscriber processes (all on core 1)")
         p.add_argument("--server-arg", action="append", help="extra argument for `ssegw serve` (repeatable)")
-        p.add_argument("--pub-conns", type=int, default=4, help="publisher keep-alive connections")
-        p.add_argument("--max-p99-ms", type=float, default=2000.0, help="latency p99 above this fails a run")
-        p.add_argument("--attempts", type=int, default=3,
-                       help="measure a window again (up to this many times) if other processes disturbed it")
-        p.add_argument("--max-foreign", type=float, default=20.0,
-                       help="CPU %% of processes not ours during a window above which it is measured again")
-        p.add_argument("--quiet-wait", type=float, default=120.0,
-                       help="before a measurement, wait up to this many s for both cores to be idle (0 = don't)")
+        add_window_args(p)
 
     p = sub.add_parser("rss", help="server RSS per idle subscribed connection")
     common(p)

@@ -77,6 +77,8 @@ GC_THRESHOLDS = (10_000, 10, 1_000_000_000)
 UNASKED_GRACE = 0.5
 #: How long a starting worker waits for its broker before accepting connections anyway.
 BROKER_START_WAIT = 10.0
+#: Seconds a stopping worker gives its broker to close (presence removal, connections).
+BROKER_CLOSE_TIMEOUT = 5.0
 #: Bounds on the dead-peer / write-stall timeout (2 x heartbeat_interval, clamped).
 DEAD_PEER_MIN_MS, DEAD_PEER_MAX_MS = 5_000, 120_000
 # Close-deadline kinds (wheel timer kinds beyond the protocol's).
@@ -234,7 +236,12 @@ class Worker:
         await self.stopping
         for s in self.admin_servers:
             s.close()
-        await self.broker.close()  # type: ignore[attr-defined]
+        try:
+            # Bounded: a broker that cannot say goodbye (Redis gone silent) must not keep a
+            # drained worker alive until the supervisor kills it.
+            await asyncio.wait_for(self.broker.close(), BROKER_CLOSE_TIMEOUT)  # type: ignore[attr-defined]
+        except TimeoutError:
+            log.warning("broker did not close within %.0fs; exiting anyway", BROKER_CLOSE_TIMEOUT)
 
     def drain(self) -> None:
         """Stop accepting, answer /readyz 503, close streams spread over drain_timeout."""
