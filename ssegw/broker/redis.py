@@ -19,9 +19,9 @@ Strategy.
   ``ssegw.reset``).
 - A new stream's replay waits until its topics' subscriptions are confirmed, then reads
   history up to the head: nothing published in between can fall through.
-- Presence: each worker keeps its per-topic subscriber counts in a hash that expires unless
-  refreshed, and registers itself in a ZSET by last-seen time; cluster counts sum the live
-  workers' hashes.
+- Presence (``redis_presence.py``): per-worker counts in expiring hashes, summed.
+- Where shards live and how nodes are found: ``redis_layout.py``; the listening half
+  (subscriptions, sessions, gap fill, syncs): ``redis_pubsub.py``.
 
 Several shards (Redis Cluster).  The broker finds out at start whether ``url`` is a cluster
 node.  A standalone Redis is one shard (hash tag ``ssegw:0``).  On a cluster there is one
@@ -46,8 +46,10 @@ passed everything published before the topics were subscribed: after a new subsc
 the worker sends a *sync* (``ssegw_sync`` publishes the shard's head to this worker's
 marker channel on that shard, behind every earlier event) and waits for it; syncs are
 shared by every stream opening meanwhile, and topics subscribed before the last sync need
-none.  Replayed frames are encoded per connection with a running vector.  The same event can therefore show different ids on
-different workers (their watermarks differ); each is a correct resume point.  ``EPOCH`` of a
+none.  Replayed frames are encoded per connection with a running vector.  The same event
+can therefore show different ids on different workers (their watermarks differ); each is a
+correct resume point.  A multi-topic connection gets a flush's events in arrival order
+(``Event.n``), the order their watermark ids assume.  ``EPOCH`` of a
 vector id is a checksum of the shards' epochs: if any shard lost its data, ids from before
 cannot be placed and resuming clients get ``ssegw.reset`` for all their topics.
 
@@ -101,6 +103,7 @@ __all__ = ["PREFIX", "RedisBroker", "channel", "shard_index", "stream_key"]
 RESOLVE_TIMEOUT = 60.0
 #: Keep clock samples this much longer than the longest history_ttl.
 CLOCK_MARGIN_MS = 3_600_000
+
 
 class RedisBroker(Listener):
     kind = "redis"
