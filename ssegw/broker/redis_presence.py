@@ -4,7 +4,8 @@ Each worker keeps its per-topic subscriber counts in a hash (``PREFIX:presence:W
 that expires ``PRESENCE_TTL_MS`` after its last refresh, and registers itself in a ZSET
 (``PREFIX:workers``) scored by when it last refreshed (Redis time).  A count sums the hashes
 of the workers seen within the TTL, so a worker or host that dies stops counting within it.
-Refreshes write only the topics whose count changed since the last one.  Both keys live on
+Refreshes write only the topics whose count changed since the last one, unless the hash has
+expired meanwhile (Redis unreachable for longer than the TTL): then every count is written.  Both keys live on
 the first shard (one slot: one pipeline).
 """
 
@@ -35,10 +36,19 @@ class Presence:
         return f"{prefix}:presence:{self.worker_id}"
 
     async def flush(self, client: aioredis.Redis, prefix: str) -> None:
-        """Write what changed and refresh our expiry and our place in the worker set."""
+        """Write what changed and refresh our expiry and our place in the worker set.  If
+        our hash is gone (it expired while Redis was unreachable, or Redis lost it), write
+        every count again, not only the changed ones."""
         dirty = self.dirty
         self.dirty = set()
         key = self.key(prefix)
+        try:
+            alive = await client.pexpire(key, PRESENCE_TTL_MS)
+        except (*UNREACHABLE, RedisError):
+            self.dirty |= dirty
+            raise
+        if not alive:
+            dirty |= set(self.counts)
         pipe = client.pipeline(transaction=False)
         sets: dict[str | bytes, int] = {t: self.counts[t] for t in dirty if self.counts.get(t)}
         gone = [t for t in dirty if not self.counts.get(t)]
