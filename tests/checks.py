@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 
 from harness import Gateway, Response, Stream
 
@@ -66,3 +67,44 @@ def publish(g: Gateway, topic: str, data: str) -> str:
 
 def ids(s: Stream | list) -> list[str]:
     return [e.id for e in (s.events if isinstance(s, Stream) else s)]
+
+
+# -- supervised gateways: worker processes and the aggregated admin ------------------------
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def is_ssegw(pid: int) -> bool:
+    """``pid`` is (still) an ssegw process: checked before a test kills a leftover worker."""
+    try:
+        return b"ssegw" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def worker_stats(g: Gateway) -> list[dict]:
+    """The per-worker part of a supervisor's ``/admin/stats``."""
+    r = g.request("GET", "/admin/stats", admin=True)
+    assert r.status == 200, r
+    return r.json()["workers"]
+
+
+def topic_subscribers(g: Gateway, topic: str) -> int | None:
+    """``GET /admin/topics/NAME``: the cluster-wide count, or None if not answered 200."""
+    try:
+        r = g.request("GET", f"/admin/topics/{topic}", admin=True, timeout=3)
+    except OSError:
+        return None
+    if r.status != 200:
+        return None
+    body = r.json()
+    assert body["topic"] == topic
+    return body["subscribers"]
+

@@ -44,9 +44,11 @@ class Gateway:
         self.admin_port = 0
         self.log: list[str] = []
         self._reader: threading.Thread | None = None
+        #: run the gateway through this command (e.g. ``ip netns exec NS``)
+        self.prefix: list[str] = []
 
     def start(self, timeout: float = 15.0) -> Gateway:
-        cmd = [sys.executable, "-m", "ssegw", "serve", "--port", "0", "--admin-port", "0", *self.args]
+        cmd = [*self.prefix, sys.executable, "-m", "ssegw", "serve", "--port", "0", "--admin-port", "0", *self.args]
         if self.config is not None:
             assert self.tmp_path is not None
             cfg = self.tmp_path / f"ssegw-{time.monotonic_ns()}.toml"

@@ -9,11 +9,11 @@ import re
 import signal
 import threading
 import time
-import uuid
-from pathlib import Path
 
 import pytest
-from checks import ids, open_streams, publish
+from checks import alive, ids, is_ssegw, open_streams, publish, uniq
+from checks import topic_subscribers as subscribers
+from checks import worker_stats as stats
 from harness import Gateway, Stream, wait_until
 
 WORKER_STARTED = re.compile(r"worker (\d+) started \(slot (\d+), generation (\d+)\)")
@@ -24,34 +24,8 @@ PRESENCE_TTL = 15.0
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def uniq(prefix: str) -> str:
-    return f"{prefix}.{uuid.uuid4().hex[:12]}"
-
-
 def worker_pids_from_log(g: Gateway) -> list[int]:
     return [int(m.group(1)) for m in map(WORKER_STARTED.search, list(g.log)) if m]
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
-
-
-def is_ssegw(pid: int) -> bool:
-    try:
-        return b"ssegw" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
-def stats(g: Gateway) -> list[dict]:
-    r = g.request("GET", "/admin/stats", admin=True)
-    assert r.status == 200, r
-    return r.json()["workers"]
 
 
 def wait_ready(g: Gateway, n: int = 2, timeout: float = 15.0) -> None:
@@ -65,15 +39,6 @@ def wait_ready(g: Gateway, n: int = 2, timeout: float = 15.0) -> None:
             return False
 
     assert wait_until(ok, timeout, 0.1), f"{n} workers not ready:\n" + "".join(g.log)
-
-
-def subscribers(g: Gateway, topic: str) -> int | None:
-    r = g.request("GET", f"/admin/topics/{topic}", admin=True)
-    if r.status != 200:
-        return None
-    body = r.json()
-    assert body["topic"] == topic
-    return body["subscribers"]
 
 
 def wait_subscribers(hosts: list[Gateway], topic: str, n: int, timeout: float) -> list[int | None]:

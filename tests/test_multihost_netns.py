@@ -28,12 +28,13 @@ import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import jwt
 import pytest
-from checks import ids
-from harness import _SERVING, ROOT, Gateway, Response, Stream, dechunk, read_head, request, wait_until
+from checks import alive, ids, is_ssegw, uniq
+from checks import topic_subscribers as subscribers
+from checks import worker_stats as stats
+from harness import Gateway, Response, Stream, dechunk, read_head, request, wait_until
 from redis_harness import RedisServer
 from sse_parser import Ev, Parser
 
@@ -63,10 +64,6 @@ STATE: dict[str, object] = {}
 
 def run(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True, timeout=10)
-
-
-def uniq(prefix: str) -> str:
-    return f"{prefix}.{uuid.uuid4().hex[:10]}"
 
 
 # -- the network -------------------------------------------------------------------------
@@ -145,31 +142,12 @@ class NetnsGateway(Gateway):
     """``ssegw serve`` run with ``ip netns exec NS``, listening on the namespace's address."""
 
     def __init__(self, net: Net, *args: str) -> None:
-        super().__init__(*args)
+        # Later flags win: these override the harness's --port 0 --admin-port 0.
+        super().__init__("--host", net.ns_ip, "--port", str(A_PORT), "--admin-host", net.ns_ip,
+                         "--admin-port", str(A_ADMIN_PORT), *args)
         self.net = net
         self.host = net.ns_ip
-
-    def start(self, timeout: float = 15.0) -> NetnsGateway:
-        cmd = ["ip", "netns", "exec", self.net.ns, sys.executable, "-m", "ssegw", "serve",
-               "--host", self.host, "--port", str(A_PORT), "--admin-host", self.host,
-               "--admin-port", str(A_ADMIN_PORT), *self.args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + timeout
-        assert self.proc.stderr is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.log.append(line)
-            m = _SERVING.search(line)
-            if m:
-                self.port, self.admin_port = int(m.group(1)), int(m.group(2))
-                self._reader = threading.Thread(target=self._drain_log, daemon=True)
-                self._reader.start()
-                return self
-        self.kill()
-        raise RuntimeError("gateway in the namespace did not start:\n" + "".join(self.log))
+        self.prefix = ["ip", "netns", "exec", net.ns]
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
                 admin: bool = False, timeout: float = 10.0) -> Response:
@@ -197,19 +175,8 @@ def worker_pids(g: Gateway) -> list[int]:
 def kill_leftovers(g: Gateway) -> None:
     """SIGKILL this gateway's workers that outlived their supervisor (by pid, checked)."""
     for pid in worker_pids(g):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if stat.rpartition(")")[2].split()[0] not in ("Z", "X") and b"ssegw" in cmdline:
+        if alive(pid) and is_ssegw(pid):
             os.kill(pid, signal.SIGKILL)
-
-
-def stats(g: Gateway) -> list[dict]:
-    r = g.request("GET", "/admin/stats", admin=True)
-    assert r.status == 200, r
-    return r.json()["workers"]
 
 
 def ready(g: Gateway) -> bool:
@@ -220,17 +187,6 @@ def ready(g: Gateway) -> bool:
         return len(ws) == 2 and all(w["broker"]["up"] for w in ws)
     except OSError:
         return False
-
-
-def subscribers(g: Gateway, topic: str) -> int | None:
-    try:
-        r = g.request("GET", f"/admin/topics/{topic}", admin=True, timeout=3)
-    except OSError:
-        return None
-    if r.status != 200:
-        return None
-    assert r.json()["topic"] == topic
-    return r.json()["subscribers"]
 
 
 def wait_count(g: Gateway, topic: str, n: int, timeout: float) -> int | None:

@@ -12,11 +12,10 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from pathlib import Path
 
 import pytest
-from checks import ids, open_streams, publish
+from checks import alive, ids, is_ssegw, open_streams, publish, uniq
+from checks import worker_stats as stats
 from harness import ROOT, Gateway, Stream, read_head, request, wait_until
 
 WORKER_STARTED = re.compile(r"worker (\d+) started \(slot (\d+), generation (\d+)\)")
@@ -24,10 +23,6 @@ WORKER_EXITED = re.compile(r"worker (\d+) exited")
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def uniq(prefix: str) -> str:
-    return f"{prefix}.{uuid.uuid4().hex[:12]}"
 
 
 def started(g: Gateway) -> list[tuple[int, int, int]]:
@@ -38,28 +33,6 @@ def started(g: Gateway) -> list[tuple[int, int, int]]:
         if m:
             out.append((int(m.group(1)), int(m.group(2)), int(m.group(3))))
     return out
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
-
-
-def is_ssegw(pid: int) -> bool:
-    try:
-        return b"ssegw" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
-def stats(g: Gateway) -> list[dict]:
-    r = g.request("GET", "/admin/stats", admin=True)
-    assert r.status == 200, r
-    return r.json()["workers"]
 
 
 def streams_open(g: Gateway) -> list[int]:
