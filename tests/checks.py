@@ -33,13 +33,20 @@ def assert_error(r: Response, want: int, code: str | None = None) -> dict:
     return check_error(r.status, r.body, want, code)
 
 
-def assert_alive(g: Gateway) -> None:
-    """The process runs, /healthz is 200, publish + subscribe work, no slot is leaked."""
+def assert_healthy(g: Gateway) -> None:
+    """The process runs, /healthz is 200, no slot is leaked."""
     assert g.proc is not None and g.proc.poll() is None, "gateway process died"
     r = g.request("GET", "/healthz", admin=True)
     assert r.status == 200 and r.json() == {"status": "ok"}, r
+    assert g.wait_slots(0) == 0
+
+
+def assert_alive(g: Gateway, headers: dict[str, str] | None = None) -> None:
+    """Healthy, and a normal publish + subscribe works (with ``headers`` on the stream);
+    no slot is leaked."""
+    assert_healthy(g)
     topic = uniq("alive")
-    with g.stream(f"/events?topic={topic}") as s:
+    with g.stream(f"/events?topic={topic}", headers) as s:
         assert s.status == 200, s.error_body
         r = g.publish({"topic": topic, "data": "ping"})
         assert r.status == 200, r

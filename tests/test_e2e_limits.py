@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from checks import check_error, uniq
+from checks import assert_alive, assert_healthy, check_error, uniq
 from harness import Gateway, Response, Stream
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -28,24 +28,6 @@ def retry_after(s: Stream | Response) -> int:
     return int(value)
 
 
-def assert_healthy(g: Gateway) -> None:
-    assert g.proc is not None and g.proc.poll() is None, "gateway process died"
-    r = g.request("GET", "/healthz", admin=True)
-    assert r.status == 200 and r.json() == {"status": "ok"}, r
-    assert g.wait_slots(0) == 0
-
-
-def assert_alive(g: Gateway, headers: dict[str, str] | None = None) -> None:
-    """Healthy, and a normal publish + subscribe works; no slot is leaked."""
-    assert_healthy(g)
-    topic = uniq("alive")
-    with g.stream(f"/events?topic={topic}", headers) as s:
-        assert s.status == 200, s.error_body
-        r = g.publish({"topic": topic, "data": "ping"})
-        assert r.status == 200, r
-        evs = s.wait_events(1, timeout=3)
-        assert [(e.id, e.data) for e in evs] == [(r.json()["ids"][0], "ping")]
-    assert g.wait_slots(0) == 0
 
 
 def xff(addr: str) -> dict[str, str]:
