@@ -119,7 +119,7 @@ class Listener:
         try:
             await asyncio.wait_for(fut, COMMAND_TIMEOUT)
         except TimeoutError:
-            raise BrokerUnavailable("redis did not deliver the replay marker") from None
+            raise BrokerUnavailable("redis did not deliver the sync marker") from None
 
     def _advanced(self, s: Shard) -> None:
         at = self.seqs[s.index]
