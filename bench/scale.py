@@ -6,7 +6,8 @@
   first failing rate) until a step fails ``run.verdict`` -- the same pass rule as
   ``run.py maxrate`` (every event to every stream, p99 <= 2 s, ...).
 - ``rediscost``: one worker, the same load (10,000 subscribers, 100 and 1,000 msg/s) with
-  the embedded memory broker and with the Redis broker.
+  the embedded memory broker and with the Redis broker; ``--brokers ... cluster`` (or
+  ``--cluster`` = ``--brokers redis cluster``) adds a three-node Redis Cluster of our own.
 - ``capacity``: 60,000 idle subscribed streams over 4 workers, heartbeats every 5 s,
   counted on every connection (``bench/hbclient.py``); RSS of the supervisor and every
   worker; ``/admin/stats`` across the workers.
@@ -54,6 +55,7 @@ from common import (  # noqa: E402
 from loadgen import Admin, Clients, Publisher, ticker_body  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tests"))
+from redis_cluster_harness import RedisCluster  # noqa: E402
 from redis_harness import RedisServer, free_port  # noqa: E402
 
 # -- which gateway code runs ---------------------------------------------------------------
@@ -304,8 +306,52 @@ def start_redis(args: argparse.Namespace, tag: str) -> RedisServer:
     return rs
 
 
-def stop_redis(rs: RedisServer) -> None:
-    rs.stop()  # SIGTERM to our redis-server, by PID; SIGKILL after 5 s
+class BenchCluster(RedisCluster):
+    """``tests/redis_cluster_harness.RedisCluster`` (three primaries, no replicas, node ports
+    < 22768 and their bus ports + 10000) with persistence off, like :func:`start_redis`."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.dir = workdir
+        for n in self.nodes:
+            n.persist = False  # --appendonly no (the harness default is appendfsync always)
+
+
+def pin_redis(pid: int, args: argparse.Namespace) -> None:
+    cores = {int(c) for c in str(args.redis_core).split(",")}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except OSError:
+            pass
+
+
+def start_cluster(args: argparse.Namespace, tag: str) -> BenchCluster:
+    """A three-node Redis Cluster of our own, every thread of every node on ``--redis-core``."""
+    d = Path(tempfile.mkdtemp(prefix=f"ssegw-bench-cluster-{tag}-"))
+    rc = BenchCluster(d).start()
+    for n in rc.nodes:
+        assert n.proc is not None
+        pin_redis(n.proc.pid, args)
+    log(f"redis cluster pids {[n.proc.pid for n in rc.nodes if n.proc]} on "
+        f"{[n.port for n in rc.nodes]} (core {args.redis_core})")
+    return rc
+
+
+Redis = RedisServer | BenchCluster
+
+
+def redis_pids(r: Redis | None) -> dict[str, int]:
+    """The redis-server processes to sample: ``redis``, or ``redis0``… for a cluster's nodes."""
+    if isinstance(r, BenchCluster):
+        return {f"redis{i}": n.proc.pid for i, n in enumerate(r.nodes) if n.proc is not None}
+    if r is not None and r.proc is not None:
+        return {"redis": r.proc.pid}
+    return {}
+
+
+def stop_redis(rs: Redis) -> None:
+    rs.stop()  # SIGTERM to our redis-server(s), by PID; SIGKILL after 5 s
     shutil.rmtree(rs.dir, ignore_errors=True)
 
 
@@ -319,7 +365,17 @@ def redis_info(rs: RedisServer) -> dict[str, str]:
     return out
 
 
-def redis_summary(rs: RedisServer | None) -> dict[str, object] | None:
+def redis_summary(rs: Redis | None) -> dict[str, object] | None:
+    if isinstance(rs, BenchCluster):
+        nodes = [redis_summary(n) for n in rs.nodes]
+        tot: dict[str, object] = {"nodes": nodes}
+        for k in ("rss_mib", "used_memory_mib", "connected_clients", "pubsub_channels", "pubsubshard_channels",
+                  "total_commands_processed", "used_cpu_user_s", "used_cpu_sys_s"):
+            try:
+                tot[k] = round(sum(n[k] for n in nodes if n), 2)  # type: ignore[misc]
+            except (KeyError, TypeError):
+                pass
+        return tot
     if rs is None or rs.proc is None:
         return None
     try:
@@ -340,7 +396,7 @@ class ScaleEnv(run.Env):
     """``run.Env`` with the gateway of :class:`MultiServer`, optionally on a Redis of ours."""
 
     def __init__(self, args: argparse.Namespace, tag: str, conns: int, topic: str, sample: int, workers: int,
-                 redis: RedisServer | None) -> None:
+                 redis: Redis | None) -> None:
         super().__init__(args, tag, conns, topic, sample)
         self.workers = workers
         self.redis = redis
@@ -367,8 +423,7 @@ class ScaleEnv(run.Env):
                 raise RuntimeError(f"only {len(ready)} of {self.workers} workers ready: {ws}")
             await asyncio.sleep(0.2)
         extra = {f"worker{i}": pid for i, pid in enumerate(srv.workers())}  # type: ignore[attr-defined]
-        if self.redis is not None and self.redis.proc is not None:
-            extra["redis"] = self.redis.proc.pid
+        extra.update(redis_pids(self.redis))
         ScaleCpuSampler.extra = extra
 
     async def open(self) -> ScaleEnv:
@@ -376,7 +431,7 @@ class ScaleEnv(run.Env):
         await self.start_server()
         assert self.srv is not None and self.admin is not None
         self.clients = clients = await Clients.start(self.srv.port, self.conns, args.procs, self.topic, self.sample,
-                                                     args.client_core, count="seq")
+                                                     args.client_core, count=getattr(args, "count", "seq"))
         st = await run.wait_streams(self.admin, clients.ok)  # type: ignore[arg-type]
         log(f"server streams_open={st['streams_open']} per worker "
             f"{[w['streams_open'] for w in st['per_worker']]} rss={self.srv.rss() / 2**20:.1f} MiB")  # type: ignore[union-attr, attr-defined]
@@ -512,12 +567,34 @@ async def cmd_workers(args: argparse.Namespace) -> None:
 # -- rediscost -----------------------------------------------------------------------------
 
 
+def _ratio(a: object, b: object) -> float | None:
+    try:
+        return round(float(b) / float(a), 3)  # type: ignore[arg-type]
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def redis_cpu(step: dict[str, object]) -> float | None:
+    """CPU of redis-server in a step: the one server, or the sum over a cluster's nodes."""
+    cpu: dict[str, float] = step["cpu_proc"]  # type: ignore[assignment]
+    vals = [v for k, v in cpu.items() if k == "redis" or (k.startswith("redis") and k[5:].isdigit())]
+    return round(sum(vals), 1) if vals else None
+
+
 async def cmd_rediscost(args: argparse.Namespace) -> None:
+    if args.cluster:
+        args.brokers = ["redis", "cluster"]
+    if "cluster" in args.brokers and args.count == "seq":
+        # A cluster's ids are vectors (EPOCH-S0.S1.S2): client.py's seq counter reads one
+        # integer after the "-".  Count every id line instead, for every broker of the run.
+        log("a cluster in --brokers: subscribers count with --count scan (every broker of this run)")
+        args.count = "scan"
     out: dict[str, list[dict[str, object]]] = {}
     full: dict[str, list[dict[str, object]]] = {}
     problems: dict[str, list[str]] = {}
     for broker in args.brokers:
-        rs = start_redis(args, "cost") if broker == "redis" else None
+        rs: Redis | None = (start_redis(args, "cost") if broker == "redis"
+                            else start_cluster(args, "cost") if broker == "cluster" else None)
         env = ScaleEnv(args, f"cost-{broker}", args.subs, args.topic, args.sample, 1, rs)
         try:
             await env.open()
@@ -533,19 +610,27 @@ async def cmd_rediscost(args: argparse.Namespace) -> None:
         problems[broker] = env.problems[:20]
     ratios = []
     for m, r in zip(out.get("memory", []), out.get("redis", []), strict=False):
-        def ratio(a: object, b: object) -> float | None:
-            try:
-                return round(float(b) / float(a), 3)  # type: ignore[arg-type]
-            except (TypeError, ValueError, ZeroDivisionError):
-                return None
-        ratios.append({"rate": m["rate"], "p50_redis_over_memory": ratio(m["p50_ms"], r["p50_ms"]),
-                       "p99_redis_over_memory": ratio(m["p99_ms"], r["p99_ms"]),
-                       "delivered_redis_over_memory": ratio(m["delivered_per_s"], r["delivered_per_s"]),
-                       "server_cpu_redis_over_memory": ratio(m["cpu_proc"]["server"], r["cpu_proc"]["server"]),  # type: ignore[index]
-                       "server_rss_max_redis_over_memory": ratio(m["server_rss_mib"]["max"], r["server_rss_mib"]["max"]),  # type: ignore[index]
+        ratios.append({"rate": m["rate"], "p50_redis_over_memory": _ratio(m["p50_ms"], r["p50_ms"]),
+                       "p99_redis_over_memory": _ratio(m["p99_ms"], r["p99_ms"]),
+                       "delivered_redis_over_memory": _ratio(m["delivered_per_s"], r["delivered_per_s"]),
+                       "server_cpu_redis_over_memory": _ratio(m["cpu_proc"]["server"], r["cpu_proc"]["server"]),  # type: ignore[index]
+                       "server_rss_max_redis_over_memory": _ratio(m["server_rss_mib"]["max"], r["server_rss_mib"]["max"]),  # type: ignore[index]
                        "redis_cpu_pct": r["cpu_proc"].get("redis")})  # type: ignore[union-attr, attr-defined]
-    emit_scale("scale_rediscost", {"subs": args.subs, "conditions": conditions(args, 1), "duration_s": args.duration,
-                             "runs": out, "ratios": ratios, "full": full, "server_log_problems": problems})
+    cratios = []
+    for r, c in zip(out.get("redis", []), out.get("cluster", []), strict=False):
+        cratios.append({"rate": r["rate"], "p50_cluster_over_redis": _ratio(r["p50_ms"], c["p50_ms"]),
+                        "p99_cluster_over_redis": _ratio(r["p99_ms"], c["p99_ms"]),
+                        "delivered_cluster_over_redis": _ratio(r["delivered_per_s"], c["delivered_per_s"]),
+                        "lost": {"redis": r["lost"], "cluster": c["lost"]},
+                        "server_cpu_cluster_over_redis": _ratio(r["cpu_proc"]["server"], c["cpu_proc"]["server"]),  # type: ignore[index]
+                        "server_rss_max_cluster_over_redis": _ratio(r["server_rss_mib"]["max"], c["server_rss_mib"]["max"]),  # type: ignore[index]
+                        "post_rtt": {"redis": r["post_rtt"], "cluster": c["post_rtt"]},
+                        "redis_cpu_pct": redis_cpu(r), "cluster_cpu_pct": redis_cpu(c),
+                        "foreign_pct": {"redis": r["foreign_pct"], "cluster": c["foreign_pct"]}})
+    emit_scale("scale_rediscost", {"subs": args.subs, "conditions": {**conditions(args, 1), "count": args.count},
+                             "duration_s": args.duration,
+                             "runs": out, "ratios": ratios, "ratios_cluster_over_redis": cratios, "full": full,
+                             "server_log_problems": problems})
 
 
 # -- capacity ------------------------------------------------------------------------------
@@ -709,7 +794,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     load(p, 20)
     p.add_argument("--rates", type=float, nargs="+", default=[100, 1000])
-    p.add_argument("--brokers", nargs="+", choices=("memory", "redis"), default=["memory", "redis"])
+    p.add_argument("--brokers", nargs="+", choices=("memory", "redis", "cluster"), default=["memory", "redis"],
+                   help="cluster = a three-node Redis Cluster of our own (persistence off, on --redis-core)")
+    p.add_argument("--cluster", action="store_true", help="shorthand for --brokers redis cluster")
+    p.add_argument("--count", choices=("seq", "scan"), default="seq",
+                   help="how client.py counts events (seq: newest id per read; scan: every id line); "
+                        "scan whenever a cluster is measured (its ids are vectors)")
 
     p = sub.add_parser("capacity", help="idle subscribed streams over several workers, heartbeats counted")
     common(p, procs=4)
