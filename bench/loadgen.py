@@ -361,6 +361,15 @@ class Publisher:
                 self.conns.append(task.result())
                 idle.append(task.result())
 
+        def post(c: HTTPConn, k: int, first: int) -> None:
+            """One POST /publish of ``k`` messages numbered from ``first``, on ``c``."""
+            body, _ = make(k, first)
+            head = (b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(body))
+            fut = c.request(head, body)
+            pending.add(fut)
+            fut.add_done_callback(functools.partial(done, c, k, loop.time()))
+
         start = loop.time()
         wall_start = time.time()
         end = start + duration
@@ -381,12 +390,7 @@ class Publisher:
                     task.add_done_callback(reconnected)
                     continue
                 k = min(due, self.max_batch)
-                body, _ = make(k, sent)
-                head = (b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: %d\r\n\r\n" % len(body))
-                fut = c.request(head, body)
-                pending.add(fut)
-                fut.add_done_callback(functools.partial(done, c, k, loop.time()))
+                post(c, k, sent)
                 sent += k
                 due -= k
                 requests += 1
@@ -397,13 +401,8 @@ class Publisher:
         if rest > 0 and idle:
             c = idle.pop()
             if not c.closed and c.tr is not None and not c.tr.is_closing():
-                body, _ = make(min(rest, self.max_batch), sent)
                 k = min(rest, self.max_batch)
-                head = (b"POST /publish HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: %d\r\n\r\n" % len(body))
-                fut = c.request(head, body)
-                pending.add(fut)
-                fut.add_done_callback(functools.partial(done, c, k, loop.time()))
+                post(c, k, sent)
                 sent += k
                 requests += 1
         elapsed = loop.time() - start

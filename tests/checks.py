@@ -4,6 +4,9 @@ after hostile traffic, unique topic names."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import uuid
 from pathlib import Path
 
@@ -77,6 +80,28 @@ def ids(s: Stream | list) -> list[str]:
 
 
 # -- supervised gateways: worker processes and the aggregated admin ------------------------
+
+
+#: the supervisor's log line for each worker it starts
+WORKER_STARTED = re.compile(r"worker (\d+) started \(slot (\d+), generation (\d+)\)")
+
+
+def started(g: Gateway) -> list[tuple[int, int, int]]:
+    """(pid, slot, generation) of every `worker ... started` log line so far."""
+    return [(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+            for m in map(WORKER_STARTED.search, list(g.log)) if m]
+
+
+def stop_supervised(g: Gateway) -> None:
+    """Stop a supervisor, then SIGKILL any of its workers that outlived it (by pid, checked
+    to still be an ssegw process)."""
+    try:
+        g.stop(timeout=15)
+    except Exception:  # noqa: BLE001 - a test's teardown must still reap the workers
+        g.kill()
+    for pid, _, _ in started(g):
+        if alive(pid) and is_ssegw(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def alive(pid: int) -> bool:

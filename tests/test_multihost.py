@@ -5,27 +5,21 @@ clients (they resume on the other host from their Last-Event-ID, losing nothing)
 from __future__ import annotations
 
 import os
-import re
 import signal
 import threading
 import time
 
 import pytest
-from checks import alive, ids, is_ssegw, open_streams, publish, uniq
+from checks import alive, ids, open_streams, publish, stop_supervised, uniq
 from checks import topic_subscribers as subscribers
 from checks import worker_stats as stats
 from harness import Gateway, Stream, wait_until
 
-WORKER_STARTED = re.compile(r"worker (\d+) started \(slot (\d+), generation (\d+)\)")
 #: The Redis broker's presence TTL (a vanished worker's subscribers stop counting after it).
 PRESENCE_TTL = 15.0
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def worker_pids_from_log(g: Gateway) -> list[int]:
-    return [int(m.group(1)) for m in map(WORKER_STARTED.search, list(g.log)) if m]
 
 
 def wait_ready(g: Gateway, n: int = 2, timeout: float = 15.0) -> None:
@@ -67,13 +61,7 @@ def hosts(redis_server, tmp_path):
     assert made[0].port != made[1].port and made[0].admin_port != made[1].admin_port
     yield made
     for g in made:
-        try:
-            g.stop(timeout=15)
-        except Exception:  # noqa: BLE001
-            g.kill()
-        for pid in worker_pids_from_log(g):
-            if alive(pid) and is_ssegw(pid):
-                os.kill(pid, signal.SIGKILL)
+        stop_supervised(g)
 
 
 # -- fan-out across hosts --------------------------------------------------------------------------

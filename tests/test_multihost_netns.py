@@ -21,7 +21,6 @@ from __future__ import annotations
 import binascii
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import uuid
 
 import jwt
 import pytest
-from checks import alive, ids, is_ssegw, uniq
+from checks import ids, stop_supervised, uniq
 from checks import topic_subscribers as subscribers
 from checks import worker_stats as stats
 from harness import Gateway, Response, Stream, dechunk, read_head, request, wait_until
@@ -159,24 +158,6 @@ class NetnsGateway(Gateway):
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def worker_pids(g: Gateway) -> list[int]:
-    out = []
-    for line in list(g.log):
-        head, sep, _ = line.partition(" started (slot ")
-        if sep:
-            pid = head.rsplit(" ", 1)[-1]
-            if pid.isdigit():
-                out.append(int(pid))
-    return out
-
-
-def kill_leftovers(g: Gateway) -> None:
-    """SIGKILL this gateway's workers that outlived their supervisor (by pid, checked)."""
-    for pid in worker_pids(g):
-        if alive(pid) and is_ssegw(pid):
-            os.kill(pid, signal.SIGKILL)
 
 
 def ready(g: Gateway) -> bool:
@@ -435,11 +416,7 @@ def hosts(net, redis):
         if not net.is_up:
             net.up()  # let A leave Redis cleanly
         for g in made:
-            try:
-                g.stop(timeout=15)
-            except Exception:  # noqa: BLE001
-                g.kill()
-            kill_leftovers(g)
+            stop_supervised(g)
 
 
 # -- 1. fan-out and presence across hosts ------------------------------------------------------------

@@ -14,25 +14,14 @@ import threading
 import time
 
 import pytest
-from checks import alive, ids, is_ssegw, open_streams, publish, uniq
+from checks import alive, ids, open_streams, publish, started, stop_supervised, uniq
 from checks import worker_stats as stats
 from harness import ROOT, Gateway, Stream, read_head, request, wait_until
 
-WORKER_STARTED = re.compile(r"worker (\d+) started \(slot (\d+), generation (\d+)\)")
 WORKER_EXITED = re.compile(r"worker (\d+) exited")
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def started(g: Gateway) -> list[tuple[int, int, int]]:
-    """(pid, slot, generation) of every `worker ... started` log line so far."""
-    out = []
-    for line in list(g.log):
-        m = WORKER_STARTED.search(line)
-        if m:
-            out.append((int(m.group(1)), int(m.group(2)), int(m.group(3))))
-    return out
 
 
 def streams_open(g: Gateway) -> list[int]:
@@ -72,13 +61,7 @@ def cluster(redis_server, tmp_path):
 
     yield make
     for g in made:
-        try:
-            g.stop(timeout=15)
-        except Exception:  # noqa: BLE001
-            g.kill()
-        for pid, _, _ in started(g):
-            if alive(pid) and is_ssegw(pid):
-                os.kill(pid, signal.SIGKILL)
+        stop_supervised(g)
 
 
 # -- N workers serve, and the admin listener aggregates them -------------------------------
