@@ -1,24 +1,17 @@
 """Configuration: defaults < TOML file < ``SSEGW_*`` environment < command-line flags.
 
 Strategy (CONTRACT.md "Configuration"):
-- One declarative table, ``_KEYS``, describes every key once: its dotted name (``port``,
-  ``auth.jwt_secret``), its kind (str, int, float, bool, duration, size, list, ...) and its
-  range check.  Defaults live only on the :class:`Config` / :class:`AuthConfig` dataclass
-  fields; flag names (``--a-b``, ``--auth-jwt-secret``) and environment names (``SSEGW_A_B``,
-  ``SSEGW_AUTH_JWT_SECRET``) are derived from the dotted name, so the three sources can never
-  disagree about what exists.
+- What each key is called, its kind, its check and how its value is parsed and written lives in
+  one declarative table in :mod:`ssegw.config_keys`; this module owns the frozen result
+  (:class:`Config`, :class:`AuthConfig`, :class:`TopicRule`, whose fields carry the defaults),
+  the layering of the sources, the cross-checks between keys, and :func:`render`.  Every name
+  the rest of the gateway needs is importable from here.
 - Everything is parsed and validated exactly once, in :func:`load` / :func:`load_file`, into
   frozen dataclasses; the rest of the gateway only reads plain typed values (durations are
   float seconds, sizes int bytes, networks ``ipaddress`` objects, patterns compiled
-  :class:`~ssegw.core.topics.Pattern`) and never re-validates.
-- Each source is typed differently: TOML values must already have the right TOML type (an
-  int for an int, an array for a list; an int given as ``8080.5`` or a bool is an error),
-  while environment variables and flags are text and are parsed (``true/1/yes/on``,
-  comma-separated lists, ``250ms``, ``256KiB``).  A later source replaces a key's value
-  entirely (lists are not merged).
-- Every failure is a :class:`ConfigError` whose ``key`` is the dotted key (``max_body``,
-  ``auth.jwt_algorithm``, ``topics[0].pattern``, ``config`` for the file itself) and whose
-  message starts with it; secrets are never echoed back in a message.
+  :class:`~ssegw.core.topics.Pattern`) and never re-validates.  A later source replaces a key's
+  value entirely (lists are not merged).
+- Every failure is a :class:`ConfigError` naming the dotted key at fault.
 - Unknown keys in the file are errors (with a "did you mean" hint); unknown ``SSEGW_*``
   variables only log a warning on the ``ssegw.config`` logger.  Variables starting with
   ``SSEGW__`` (double underscore) are reserved for the gateway's own processes and ignored.
@@ -30,16 +23,32 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import ipaddress
 import logging
-import math
 import os
-import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config_keys import (
+    _AUTH,
+    _KEYS,
+    _TOP,
+    _TOPIC_KEYS,
+    ENV_PREFIX,
+    ConfigError,
+    IPNetwork,
+    _fail,
+    _Key,
+    _render_value,
+    _show,
+    _toml_str,
+    _value,
+    parse_bool,
+    parse_duration,
+    parse_size,
+)
+from .config_keys import _toml_duration as _toml_duration  # re-exported: tests round-trip it
 from .core.topics import Pattern
 
 __all__ = [
@@ -58,31 +67,10 @@ __all__ = [
 
 log = logging.getLogger("ssegw.config")
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-ENV_PREFIX = "SSEGW_"
 # Reserved for variables the gateway sets for its own child processes: never warned about.
 _ENV_INTERNAL_PREFIX = "SSEGW__"
 _ENV_CONFIG = "SSEGW_CONFIG"
 _MASK = "***"
-
-
-class ConfigError(Exception):
-    """An invalid configuration; ``key`` is the dotted key at fault, the message names it."""
-
-    def __init__(self, key: str, message: str | None = None) -> None:
-        if message is None:
-            message = f"{key}: invalid value"
-        super().__init__(message)
-        self.key = key
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class _Invalid(Exception):
-    """Internal: a value is wrong; the caller adds the key and the source."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,6 +149,7 @@ class Config:
     max_topics_per_conn: int = 32
     max_buffer: int = 256 * 1024
     slow_consumer: str = "drop"
+    slow_grace: float = 5.0
     max_lifetime: float = 0.0
     drain_timeout: float = 10.0
     history_size: int = 1000
@@ -192,279 +181,6 @@ class Config:
         return (self.slow_consumer, self.history_size, self.history_ttl)
 
 
-# --------------------------------------------------------------------------------------------
-# Value syntax
-
-
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-_NUMBER = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
-_DURATION_RE = re.compile(rf"({_NUMBER})[ \t]*(ms|s|m|h)?", re.ASCII)
-_DURATION_MULT = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
-_SIZE_RE = re.compile(r"([0-9]+)[ \t]*([A-Za-z]*)", re.ASCII)
-_SIZE_MULT = {
-    "": 1,
-    "b": 1,
-    "kib": 1024,
-    "mib": 1024**2,
-    "gib": 1024**3,
-    "kb": 1000,
-    "mb": 1000**2,
-    "gb": 1000**3,
-}
-_INT_RE = re.compile(r"[+-]?[0-9]+", re.ASCII)
-_FLOAT_RE = re.compile(_NUMBER, re.ASCII)
-_BOOLS = {
-    "true": True, "1": True, "yes": True, "on": True,
-    "false": False, "0": False, "no": False, "off": False,
-}  # fmt: skip
-
-
-def _duration(value: object) -> float:
-    bad = f"expected a duration like 250ms, 15s, 5m, 1h or a number of seconds, got {_show(value)}"
-    if isinstance(value, bool):
-        raise _Invalid(bad)
-    if isinstance(value, (int, float)):
-        try:
-            seconds = float(value)
-        except OverflowError:
-            raise _Invalid(f"duration {_show(value)} is too large") from None
-    elif isinstance(value, str):
-        m = _DURATION_RE.fullmatch(value.strip())
-        if m is None:
-            raise _Invalid(bad)
-        number = float(m[1])
-        # Divide for ms rather than multiply by 0.001 so "15ms" is exactly the float 0.015.
-        seconds = number / 1000 if m[2] == "ms" else number * _DURATION_MULT[m[2]]
-    else:
-        raise _Invalid(bad)
-    if not math.isfinite(seconds):
-        raise _Invalid(f"duration {_show(value)} is not a finite number")
-    if seconds < 0:
-        raise _Invalid(f"duration must not be negative, got {_show(value)}")
-    return seconds if seconds != 0 else 0.0  # no -0.0
-
-
-def _size(value: object) -> int:
-    bad = f"expected a size like 512, 256KiB, 1MiB or a number of bytes, got {_show(value)}"
-    if isinstance(value, bool):
-        raise _Invalid(bad)
-    if isinstance(value, int):
-        if value < 0:
-            raise _Invalid(f"size must not be negative, got {value}")
-        return value
-    if not isinstance(value, str):
-        raise _Invalid(bad)
-    m = _SIZE_RE.fullmatch(value.strip())
-    if m is None or m[2].lower() not in _SIZE_MULT:
-        raise _Invalid(bad)
-    try:
-        number = int(m[1])
-    except ValueError:  # more digits than int() accepts
-        raise _Invalid(f"size {_show(value)} is too large") from None
-    return number * _SIZE_MULT[m[2].lower()]
-
-
-def _bool_text(value: str) -> bool:
-    try:
-        return _BOOLS[value.strip().lower()]
-    except KeyError:
-        raise _Invalid(
-            f"expected true/false, 1/0, yes/no or on/off, got {_show(value)}"
-        ) from None
-
-
-def parse_duration(value: object, key: str = "duration") -> float:
-    """Seconds from a number or ``"250ms"``/``"15s"``/``"5m"``/``"1h"``/``"2.5"``.
-
-    Raises :class:`ConfigError` naming ``key`` for anything else (negative, NaN, infinite,
-    wrong type or syntax)."""
-    try:
-        return _duration(value)
-    except _Invalid as exc:
-        raise ConfigError(key, f"{key}: {exc}") from None
-
-
-def parse_size(value: object, key: str = "size") -> int:
-    """Bytes from an int or ``"512"``/``"512B"``/``"256KiB"``/``"1MiB"``/``"1GiB"``/``"1KB"``
-    /``"1MB"``/``"1GB"`` (KiB = 1024, KB = 1000; units case-insensitive).
-
-    Raises :class:`ConfigError` naming ``key`` for anything else."""
-    try:
-        return _size(value)
-    except _Invalid as exc:
-        raise ConfigError(key, f"{key}: {exc}") from None
-
-
-def parse_bool(value: object, key: str = "bool") -> bool:
-    """A bool, or text ``true/false``, ``1/0``, ``yes/no``, ``on/off`` (case-insensitive)."""
-    if isinstance(value, bool):
-        return value
-    if not isinstance(value, str):
-        raise ConfigError(key, f"{key}: expected true or false, got {_show(value)}")
-    try:
-        return _bool_text(value)
-    except _Invalid as exc:
-        raise ConfigError(key, f"{key}: {exc}") from None
-
-
-# --------------------------------------------------------------------------------------------
-# The key table
-
-
-def _between(lo: float, hi: float) -> Callable[[Any], str | None]:
-    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}, got {v}"
-
-
-def _at_least(lo: float) -> Callable[[Any], str | None]:
-    return lambda v: None if v >= lo else f"must be >= {lo}, got {v}"
-
-
-def _above(lo: float) -> Callable[[Any], str | None]:
-    return lambda v: None if v > lo else f"must be > {lo}, got {v}"
-
-
-def _nonempty(v: str) -> str | None:
-    return None if v else "must not be empty"
-
-
-def _redis_url(v: str) -> str | None:
-    if not v or v.startswith(("redis://", "rediss://", "unix://")):
-        return None
-    return f"expected a URL starting with redis://, rediss:// or unix://, got {_show(v)}"
-
-
-_COOKIE_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", re.ASCII)
-
-
-def _cookie_name(v: str) -> str | None:
-    if _COOKIE_NAME_RE.fullmatch(v):
-        return None
-    return f"expected a cookie name (RFC 6265 token characters), got {_show(v)}"
-
-
-_ORIGIN_RE = re.compile(
-    r"https?://(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?", re.ASCII
-)
-
-
-def _origin(item: str) -> str:
-    if item == "*":
-        return item
-    if _ORIGIN_RE.fullmatch(item):
-        return item.lower()  # browsers send the Origin header's scheme and host in lowercase
-    raise _Invalid(
-        f"expected '*' or an origin like 'https://a.example' (scheme, host and optional port, "
-        f"no path), got {_show(item)}"
-    )
-
-
-def _network(item: str) -> IPNetwork:
-    try:
-        return ipaddress.ip_network(item.strip(), strict=False)
-    except ValueError:
-        raise _Invalid(f"{_show(item)} is not an IP address or CIDR network") from None
-
-
-def _publish_key(item: str) -> str:
-    if not item:
-        raise _Invalid("a publish key must not be empty")
-    return item
-
-
-@dataclass(frozen=True, slots=True)
-class _Key:
-    name: str  # dotted: "port", "auth.jwt_secret"
-    kind: str  # str int float bool duration size choice list
-    help: str
-    check: Callable[[Any], str | None] | None = None
-    choices: tuple[str, ...] = ()  # for kind "choice"; the stored spelling
-    item: Callable[[str], Any] | None = None  # for kind "list": str -> item, raises _Invalid
-    secret: bool = False
-
-    @property
-    def short(self) -> str:
-        return self.name.rpartition(".")[2]
-
-    @property
-    def dest(self) -> str:
-        return self.name.replace(".", "_")
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.dest.upper()
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.dest.replace("_", "-")
-
-
-_SLOW = ("drop", "conflate")
-
-_KEYS: tuple[_Key, ...] = (
-    _Key("host", "str", "public listener address", _nonempty),
-    _Key("port", "int", "public listener port (0 = any free port)", _between(0, 65535)),
-    _Key("admin_host", "str", "admin listener address", _nonempty),
-    _Key("admin_port", "int", "admin listener port", _between(0, 65535)),
-    _Key("workers", "int", "worker processes (0 = one per CPU)", _at_least(0)),
-    _Key("redis", "str", "Redis URL for clustering (empty = embedded broker)", _redis_url),
-    _Key("flush_interval", "duration", "output coalescing delay", _between(0, 1)),
-    _Key("heartbeat_interval", "duration", "heartbeat after this much silence", _above(0)),
-    _Key("retry", "duration", "SSE reconnect hint sent to clients", _above(0)),
-    _Key("head_timeout", "duration", "time allowed to send the request head", _above(0)),
-    _Key("max_head_size", "size", "largest request head", _between(1024, 1024 * 1024)),
-    _Key("max_body", "size", "largest /publish body", _above(0)),
-    _Key("max_batch", "int", "most messages in one /publish batch", _at_least(1)),
-    _Key("max_topics_per_conn", "int", "most topics on one stream", _at_least(1)),
-    _Key("max_buffer", "size", "pending output per connection", _at_least(4096)),
-    _Key("slow_consumer", "choice", "slow consumer policy: drop or conflate", choices=_SLOW),
-    _Key("max_lifetime", "duration", "close streams after this long (0 = off)"),
-    _Key("drain_timeout", "duration", "spread stream closes over this on shutdown"),
-    _Key("history_size", "int", "events kept per topic", _at_least(0)),
-    _Key("history_ttl", "duration", "max age of kept events (0 = no age limit)"),
-    _Key("max_connections", "int", "open streams per host, split evenly over the workers (0 = unlimited)", _at_least(0)),
-    _Key("max_conns_per_ip", "int", "open streams per client IP, per worker (0 = unlimited)", _at_least(0)),
-    _Key("conn_rate", "float", "new connections per second per IP (0 = off)", _at_least(0)),
-    _Key("conn_burst", "int", "burst for conn_rate", _at_least(1)),
-    _Key("ip_allow", "list", "client networks allowed (empty = all)", item=_network),
-    _Key("ip_deny", "list", "client networks denied (wins over ip_allow)", item=_network),
-    _Key("trusted_proxies", "list", "proxies whose X-Forwarded-For is trusted", item=_network),
-    _Key("cors_origins", "list", "allowed CORS origins ('*' or https://host)", item=_origin),
-    _Key("cors_credentials", "bool", "send Access-Control-Allow-Credentials"),
-    _Key(
-        "log_level",
-        "choice",
-        "debug, info, warning or error",
-        choices=("debug", "info", "warning", "error"),
-    ),
-    _Key("demo", "bool", "serve the demo page at /"),
-    _Key(
-        "auth.jwt_algorithm",
-        "choice",
-        "JWT algorithm: HS256, RS256 or ES256",
-        choices=("HS256", "RS256", "ES256"),
-    ),
-    _Key("auth.jwt_secret", "str", "HS256 shared secret", secret=True),
-    _Key("auth.jwt_public_key", "str", "PEM file with the RS256/ES256 public key"),
-    _Key("auth.audience", "str", "required JWT aud (empty = not checked)"),
-    _Key("auth.issuer", "str", "required JWT iss (empty = not checked)"),
-    _Key("auth.leeway", "duration", "clock skew tolerated on exp/nbf/iat"),
-    _Key("auth.cookie", "str", "cookie that may carry the token", _cookie_name),
-    _Key(
-        "auth.publish_keys",
-        "list",
-        "static keys accepted as Bearer on /publish",
-        item=_publish_key,
-        secret=True,
-    ),
-)
-
-_TOP = {k.name: k for k in _KEYS if "." not in k.name}
-_AUTH = {k.short: k for k in _KEYS if k.name.startswith("auth.")}
-_TOPIC_KEYS = ("pattern", "slow_consumer", "history_size", "history_ttl")
 _ENV_NAMES = {k.env for k in _KEYS} | {_ENV_CONFIG}
 
 
@@ -473,113 +189,6 @@ def _default(key: _Key) -> Any:
         return AuthConfig.__dataclass_fields__["jwt_public_key_path"].default
     owner = AuthConfig if key.name.startswith("auth.") else Config
     return owner.__dataclass_fields__[key.short].default
-
-
-# --------------------------------------------------------------------------------------------
-# Conversion
-
-
-def _text_ok(s: str) -> str:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _Invalid("is not valid Unicode text") from None
-    return s
-
-
-def _convert(key: _Key, raw: object, text: bool) -> Any:
-    """Turn one raw value into the key's type.  ``text``: it came from env/flags, so strings
-    are parsed; otherwise (TOML) the value must already have the right type."""
-    kind = key.kind
-    if kind == "str":
-        if not isinstance(raw, str):
-            raise _Invalid(f"expected a string, got {'a value' if key.secret else _show(raw)}")
-        return _text_ok(raw)
-    if kind == "choice":
-        if not isinstance(raw, str):
-            raise _Invalid(f"expected one of {', '.join(key.choices)}, got {_show(raw)}")
-        for choice in key.choices:
-            if raw.strip().lower() == choice.lower():
-                return choice
-        raise _Invalid(f"expected one of {', '.join(key.choices)}, got {_show(raw)}")
-    if kind == "int":
-        if isinstance(raw, str) and text:
-            if _INT_RE.fullmatch(raw.strip()) is None:
-                raise _Invalid(f"expected an integer, got {_show(raw)}")
-            try:
-                return int(raw.strip())
-            except ValueError:
-                raise _Invalid(f"integer {_show(raw)} is too large") from None
-        if isinstance(raw, bool) or not isinstance(raw, int):
-            raise _Invalid(f"expected an integer, got {_show(raw)}")
-        return raw
-    if kind == "float":
-        if isinstance(raw, str) and text:
-            if _FLOAT_RE.fullmatch(raw.strip()) is None:
-                raise _Invalid(f"expected a number, got {_show(raw)}")
-            value = float(raw.strip())
-        elif isinstance(raw, bool) or not isinstance(raw, (int, float)):
-            raise _Invalid(f"expected a number, got {_show(raw)}")
-        else:
-            try:
-                value = float(raw)
-            except OverflowError:
-                raise _Invalid(f"number {_show(raw)} is too large") from None
-        if not math.isfinite(value):
-            raise _Invalid(f"expected a finite number, got {_show(raw)}")
-        return value
-    if kind == "bool":
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and text:
-            return _bool_text(raw)
-        raise _Invalid(f"expected true or false, got {_show(raw)}")
-    if kind == "duration":
-        return _duration(raw)
-    if kind == "size":
-        return _size(raw)
-    if kind == "list":
-        if isinstance(raw, str):
-            if not text:
-                raise _Invalid(
-                    "expected an array of strings like [\"a\", \"b\"], got a string"
-                )
-            items: list[object] = [p.strip() for p in raw.split(",")]
-            items = [p for p in items if p]
-        elif isinstance(raw, (list, tuple)):
-            items = list(raw)
-        else:
-            raise _Invalid(f"expected an array of strings, got {_show(raw)}")
-        out = []
-        assert key.item is not None
-        for i, item in enumerate(items):
-            if not isinstance(item, str):
-                shown = "a non-string" if key.secret else _show(item)
-                raise _Invalid(f"item {i}: expected a string, got {shown}")
-            try:
-                out.append(key.item(_text_ok(item)))
-            except _Invalid as exc:
-                raise _Invalid(f"item {i}: {exc}") from None
-        return tuple(out)
-    raise AssertionError(kind)  # pragma: no cover
-
-
-def _fail(label: str, detail: object, where: str | None) -> ConfigError:
-    suffix = f" (from {where})" if where else ""
-    return ConfigError(label, f"{label}: {detail}{suffix}")
-
-
-def _value(key: _Key, raw: object, text: bool, where: str | None, label: str | None = None) -> Any:
-    label = label or key.name
-    try:
-        value = _convert(key, raw, text)
-    except _Invalid as exc:
-        raise _fail(label, exc, where) from None
-    if key.check is not None:
-        problem = key.check(value)
-        if problem:
-            raise _fail(label, problem, where)
-    return value
 
 
 def _unknown(label: str, name: str, known: list[str], hint: str = "") -> ConfigError:
@@ -813,51 +422,6 @@ def load_file(path: str, *, environ: Mapping[str, str] | None = None) -> Config:
 
 # --------------------------------------------------------------------------------------------
 # Rendering
-
-_TOML_ESCAPES = {
-    '"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r",
-}  # fmt: skip
-
-
-def _toml_str(s: str) -> str:
-    out = []
-    for ch in s:
-        if ch in _TOML_ESCAPES:
-            out.append(_TOML_ESCAPES[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def _toml_duration(seconds: float) -> str:
-    if seconds == 0:
-        return '"0s"'
-    for unit, mult in (("h", 3600), ("m", 60), ("s", 1)):
-        n = seconds / mult
-        if abs(n) < 2**53 and n == int(n) and int(n) * mult == seconds:
-            return f'"{int(n)}{unit}"'
-    ms = round(seconds * 1000)
-    if abs(ms) < 2**53 and ms / 1000 == seconds:
-        return f'"{ms}ms"'
-    return repr(float(seconds))
-
-
-def _render_value(key: _Key, value: Any) -> str:
-    if key.kind in ("str", "choice"):
-        return _toml_str(value)
-    if key.kind == "bool":
-        return "true" if value else "false"
-    if key.kind == "duration":
-        return _toml_duration(value)
-    if key.kind in ("int", "size"):
-        return str(int(value))
-    if key.kind == "float":
-        return repr(float(value))
-    if key.kind == "list":
-        return "[" + ", ".join(_toml_str(str(item)) for item in value) + "]"
-    raise AssertionError(key.kind)  # pragma: no cover
 
 
 def render(config: Config) -> str:

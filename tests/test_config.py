@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import ipaddress
 import logging
+import os
 import textwrap
 import tomllib
 
@@ -16,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ssegw import config as cfgmod
+from ssegw.cli import main as cli_main
 from ssegw.config import (
     AuthConfig,
     Config,
@@ -104,6 +106,7 @@ def test_defaults():
     assert c.max_topics_per_conn == 32
     assert c.max_buffer == 256 * 1024
     assert c.slow_consumer == "drop"
+    assert c.slow_grace == 5.0
     assert c.max_lifetime == 0.0
     assert c.drain_timeout == 10.0
     assert c.history_size == 1000
@@ -365,6 +368,18 @@ def test_load_ignores_missing_namespace_attributes():
     assert c.port == 9
 
 
+def test_slow_grace_precedence(write):
+    assert load_args([]).slow_grace == 5.0
+    path = write('slow_grace = "250ms"\n')
+    assert load_args(["--config", path]).slow_grace == 0.25  # file over default
+    c = load_args(["--config", path], {"SSEGW_SLOW_GRACE": "2"})
+    assert c.slow_grace == 2.0 and isinstance(c.slow_grace, float)  # env over file
+    c = load_args(["--config", path, "--slow-grace", "1m"], {"SSEGW_SLOW_GRACE": "2"})
+    assert c.slow_grace == 60.0  # flag over env over file
+    assert from_toml(write, "slow_grace = 3\n").slow_grace == 3.0
+    assert isinstance(from_toml(write, "slow_grace = 3\n").slow_grace, float)
+
+
 # --------------------------------------------------------------------------------------------
 # unknown keys
 
@@ -481,6 +496,12 @@ def test_wrong_table_shapes(write):
         ("max_topics_per_conn = 0", "max_topics_per_conn"),
         ('max_buffer = "1KiB"', "max_buffer"),
         ('slow_consumer = "block"', "slow_consumer"),
+        ("slow_grace = 0", "slow_grace"),
+        ('slow_grace = "0ms"', "slow_grace"),
+        ("slow_grace = -1", "slow_grace"),
+        ('slow_grace = "abc"', "slow_grace"),
+        ("slow_grace = true", "slow_grace"),
+        ("slow_grace = inf", "slow_grace"),
         ('max_lifetime = "-1s"', "max_lifetime"),
         ("drain_timeout = nan", "drain_timeout"),
         ("history_size = -1", "history_size"),
@@ -536,6 +557,10 @@ def test_error_message_format(write):
         ("SSEGW_CONN_RATE=inf", "conn_rate"),
         ("SSEGW_MAX_BODY=1.5MiB", "max_body"),
         ("SSEGW_RETRY=3x", "retry"),
+        ("SSEGW_SLOW_GRACE=-1", "slow_grace"),
+        ("SSEGW_SLOW_GRACE=0", "slow_grace"),
+        ("SSEGW_SLOW_GRACE=abc", "slow_grace"),
+        ("SSEGW_SLOW_GRACE=", "slow_grace"),
         ("SSEGW_IP_ALLOW=10.0.0.0/8,bogus", "ip_allow"),
         ("SSEGW_AUTH_LEEWAY=-1", "auth.leeway"),
         ("SSEGW_AUTH_JWT_ALGORITHM=HS512", "auth.jwt_algorithm"),
@@ -555,6 +580,15 @@ def test_bad_flag_value_names_the_key_and_flag():
         load_args(["--max-batch", "many"])
     assert exc.value.key == "max_batch"
     assert "--max-batch" in str(exc.value)
+
+
+@pytest.mark.parametrize("bad", ["-1", "0", "0s", "abc", "5x"])
+def test_bad_slow_grace_flag_names_the_key_and_flag(bad):
+    with pytest.raises(ConfigError) as exc:
+        load_args([f"--slow-grace={bad}"], {"SSEGW_SLOW_GRACE": "1s"})  # a bad flag is not skipped
+    assert exc.value.key == "slow_grace"
+    assert str(exc.value).startswith("slow_grace:")
+    assert "--slow-grace" in str(exc.value)
 
 
 def test_secrets_are_not_echoed_in_errors(write):
@@ -747,6 +781,7 @@ max_batch = 10
 max_topics_per_conn = 4
 max_buffer = 65536
 slow_consumer = "conflate"
+slow_grace = "750ms"
 max_lifetime = "1h"
 drain_timeout = 0.0015
 history_size = 10
@@ -799,6 +834,7 @@ def test_render_round_trip_and_masking(write):
     )
     assert unmasked == original
     assert back.drain_timeout == 0.0015
+    assert back.slow_grace == 0.75
     assert back.topic_settings("prices.X") == original.topic_settings("prices.X")
     # rendering is a fixed point once masked
     assert render(back) == text
@@ -810,6 +846,7 @@ def test_render_formats(write):
     assert data["heartbeat_interval"] == "15s"
     assert data["flush_interval"] == "15ms"
     assert data["history_ttl"] == "1h"
+    assert data["slow_grace"] == "5s"
     assert data["max_body"] == 1024 * 1024
     assert data["ip_allow"] == []
     assert data["auth"]["jwt_secret"] == ""
@@ -831,6 +868,22 @@ def test_render_round_trips_awkward_strings(write):
     back = load_file(write(render(c)), environ={})
     assert back.host == weird
     assert back.auth.audience == weird
+
+
+def test_check_config_prints_slow_grace(write, monkeypatch, capsys):
+    for name in list(os.environ):
+        if name.startswith("SSEGW_"):
+            monkeypatch.delenv(name)
+    path = write('slow_grace = "1500ms"\n')
+    assert cli_main(["check-config", path]) == 0
+    assert tomllib.loads(capsys.readouterr().out)["slow_grace"] == "1500ms"
+    monkeypatch.setenv("SSEGW_SLOW_GRACE", "2s")  # check-config applies the environment
+    assert cli_main(["check-config", path]) == 0
+    assert tomllib.loads(capsys.readouterr().out)["slow_grace"] == "2s"
+    monkeypatch.setenv("SSEGW_SLOW_GRACE", "abc")
+    assert cli_main(["check-config", path]) == 2
+    err = capsys.readouterr().err
+    assert "config error: slow_grace:" in err and "SSEGW_SLOW_GRACE" in err
 
 
 # --------------------------------------------------------------------------------------------
