@@ -135,14 +135,17 @@ def test_max_connections_is_503_with_retry_after(gateway):
     with g.stream(f"/events?topic={topic}") as s4:
         check_stream_error(s4, 503)
         retry_after(s4)
-    # /publish and the admin listener still work at capacity
+    # Every open connection counts (CONTRACT "Admission"): a publisher's connection over the
+    # limit is answered 503 at once too; the admin listener is not counted.
     r = g.publish({"topic": topic, "data": "full"})
-    assert r.status == 200
-    for s in streams:
-        assert [e.data for e in s.wait_events(1, 3)] == ["full"]
+    assert r.status == 503 and r.json()["error"] == "unavailable"
     assert g.request("GET", "/healthz", admin=True).status == 200
     streams[0].close()
     assert g.wait_slots(2) == 2
+    r = g.publish({"topic": topic, "data": "room"})
+    assert r.status == 200
+    for s in streams[1:]:
+        assert [e.data for e in s.wait_events(1, 3)] == ["room"]
     with g.stream(f"/events?topic={topic}") as s5:
         assert s5.status == 200, s5.error_body
     for s in streams:

@@ -42,7 +42,8 @@ def read_all(s: socket.socket, timeout: float) -> tuple[bytes, bool]:
 
 
 def test_stalled_readers_are_dropped_a_mixed_crowd_gets_everything(gateway):
-    g: Gateway = gateway("--max-buffer", "64KiB", "--flush-interval", "5ms", "--heartbeat-interval", "1s")
+    g: Gateway = gateway("--max-buffer", "64KiB", "--flush-interval", "5ms", "--heartbeat-interval", "1s",
+                         "--slow-grace", "1s", "--history-size", "5000")
     topic = "slow.drop"
     stalled = [stalled_stream(g.port, f"/events?topic={topic}") for _ in range(2)]
     normals = [g.stream(f"/events?topic={topic}") for _ in range(3)]
@@ -51,8 +52,8 @@ def test_stalled_readers_are_dropped_a_mixed_crowd_gets_everything(gateway):
         ids: list[str] = []
         closed: dict = {}
         # Publish ~8 KiB events until the server gives up on the stalled readers: their
-        # kernel send buffers (fixed at max_buffer/2) and transport buffers fill, the
-        # transport pauses, max_buffer fills and the drop policy closes them.  Bounded.
+        # kernel send buffers and transport buffers fill, the transport pauses, what they
+        # owe stays over max_buffer for slow_grace and the drop policy closes them.  Bounded.
         for i in range(300):
             ids += g.publish([{"topic": topic, "data": f"{i}.{j}:" + "x" * 8000} for j in range(10)]).json()["ids"]
             for n in normals:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from sse_parser import parse
 
 from ssegw.core.errors import BadRequest, Unavailable
-from ssegw.core.table import BODY, CLOSED, HEAD, STREAM, WAIT
+from ssegw.core.conn import ACCEPT_STREAM, BODY, CLOSED, HEAD, HOLD, RESPOND, STARTING, STREAM, advance, set_wpaused
 from ssegw.server.protocol import MAX_REQUEST_LINE, MAX_STREAM_INBOUND, HTTPProtocol
 
 MAX_HEAD = 4096
@@ -93,8 +93,14 @@ class FakeWorker:
     def on_close(self, p: HTTPProtocol) -> None:
         self.closed.append(p)
 
+    def on_pause(self, p: HTTPProtocol) -> None:
+        set_wpaused(p, True, 0)
+
     def on_resume(self, p: HTTPProtocol) -> None:
+        set_wpaused(p, False, 0)
         self.resumed.append(p)
+        if p.state == HEAD:
+            p.next_request()
 
     def count_protocol_error(self) -> None:
         self.protocol_errors += 1
@@ -266,7 +272,7 @@ def test_pipelined_request_after_an_async_response_is_served() -> None:
     p, t, w = connect(handler=lambda p, req, body: pending.append(p))  # answers later, like a Redis publish
     feed(p, [get("/first") + get("/second")])
     assert [h[1] for h in w.handled] == [b"/first"]
-    assert p.state == WAIT and not t.reading  # nothing more is read while the handler runs
+    assert p.state == RESPOND and not t.reading  # nothing more is read while the handler runs
     w.handler = ok
     pending.pop().respond(200, b"{}")
     assert [h[1] for h in w.handled] == [b"/first", b"/second"]
@@ -483,7 +489,13 @@ def test_handler_bug_is_a_500_and_a_close() -> None:
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store")]
 
 
+def accept(p: HTTPProtocol) -> None:
+    advance(p, ACCEPT_STREAM)
+    assert p.state == STARTING
+
+
 def streamer(p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
+    accept(p)
     p.start_stream(SSE_HEADERS, b"retry: 1000\n\n")
 
 
@@ -511,7 +523,7 @@ def test_start_stream_writes_a_chunked_head_and_drops_h11() -> None:
 
 
 def test_stream_with_empty_first_writes_no_empty_chunk() -> None:
-    p, t, w = connect(handler=lambda p, req, body: p.start_stream(SSE_HEADERS, b""))
+    p, t, w = connect(handler=lambda p, req, body: (accept(p), p.start_stream(SSE_HEADERS, b"")))
     feed(p, [get()])
     assert t.data.endswith(b"\r\n\r\n") and b"0\r\n\r\n" not in t.data
     p.end_stream()
@@ -545,9 +557,9 @@ def test_stream_flow_control_flags() -> None:
     p, t, w = connect(handler=streamer)
     feed(p, [get()])
     p.pause_writing()
-    assert p.paused
+    assert p.wpaused
     p.resume_writing()
-    assert w.resumed == [p]  # the fan-out resumes it (and clears the flag)
+    assert w.resumed == [p] and not p.wpaused
 
 
 def test_connection_lost_and_late_data() -> None:
@@ -616,7 +628,7 @@ def test_arbitrary_bytes_never_raise(data: bytes, cuts: list[int], which: str) -
     out = t.data
     if out:
         assert out.startswith(b"HTTP/1.1 ")
-    assert p.state in (HEAD, BODY, WAIT, STREAM, CLOSED)
+    assert p.state in (HEAD, BODY, RESPOND, STREAM, CLOSED)
     if p.state == CLOSED:
         assert t.closed or t.aborted
     if t.closed or t.aborted:
@@ -705,3 +717,39 @@ def test_large_body_whole_or_split_after_the_head_is_served() -> None:
         p, t, w = connect(max_body=2 * MAX_HEAD)
         feed(p, pieces)
         assert [h[3] for h in w.handled] == [body]
+
+
+# -- flow control across pipelined requests ----------------------------------------------
+
+
+def test_pipelined_requests_wait_while_the_client_does_not_read() -> None:
+    """A client that pipelines requests and never reads our answers: once the transport
+    pauses, no further request is served (so answers cannot pile up in user space), and
+    serving resumes when the transport drains -- the pause is kept apart from the state."""
+    p2, t2, w2 = connect()
+    orig = t2.write
+
+    def write(data: bytes) -> None:
+        orig(data)
+        if len(t2.writes) == 3:
+            p2.pause_writing()  # the high-water mark is reached with the third answer
+
+    t2.write = write  # type: ignore[method-assign]
+    feed(p2, [get() * 50])
+    assert len(w2.handled) == 3 and p2.wpaused and not t2.reading
+    assert p2.state == HEAD
+    p2.resume_writing()
+    assert len(w2.handled) == 50 and t2.reading
+
+
+def test_stream_started_on_a_paused_transport_stays_held() -> None:
+    """Pipelined answers paused the transport before the stream started: starting the
+    stream must not clear that (the old flag was reset, and output escaped max_buffer)."""
+    def paused_streamer(p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
+        accept(p)
+        p.pause_writing()  # earlier answers filled the transport while the replay was fetched
+        p.start_stream(SSE_HEADERS, b"retry: 1000\n\n")
+
+    p, t, w = connect(handler=paused_streamer)
+    feed(p, [get("/events?topic=a")])
+    assert p.state == STREAM and p.wpaused and p.route == HOLD  # the fan-out holds, not writes

@@ -1,49 +1,54 @@
-"""Batched broadcast: one write per connection per flush, the same bytes for every subscriber.
+"""Batched broadcast as write plans: one write per connection per flush, the same bytes for all.
 
 Strategy.  Publishing does not touch subscribers: the event (encoded once) is appended to
-its topic's ``batch`` and the topic is marked dirty -- O(1) whatever the fan-out.  A flush
+its topic's ``batch`` and the topic is marked dirty -- O(1) whatever the fan-out.  A sweep
 then walks the dirty topics.  For each topic the batch is joined once, and chunk-framed
-once, into one bytes object, and every subscriber of the topic gets that object in a
-single ``transport.write``.  Per connection and per flush that is one attribute check and
-one write; there is no per-subscriber encoding or buffering on the fast path.
+once, and every single-topic subscriber whose ``route`` is LIVE (core/conn.py) gets that
+object.  Streams of several topics are grouped by topic set (core/table.py): each touched
+set gets one merged buffer (its topics' events in arrival order), shared by its members.
 
-Connections subscribed to several topics cannot share one topic's joined bytes (their
-events from different topics must be interleaved in sequence order), so they are collected
-during the sweep and get their own merged write at the end -- still one write each.  The
-same slow path serves paused connections and new streams with a replay floor.
+The sweep decides; it does not write.  :meth:`Fanout.sweep_step` returns a :class:`Plan` --
+"these bytes to these connections", "these events to that one", "close that one for this
+reason" -- and the server carries it out, each write isolated, so one failing socket never
+stalls the rest of a pass.  A plan's shared bytes come in :class:`Segment` s of at most
+``segment_bytes``: the server stops writing a connection's segments once its transport
+pauses and hands the rest to :meth:`Fanout.hold`, so no transport ever buffers more than its
+high-water mark plus one segment, however large a publisher's burst.
 
-Slow consumers.  A connection whose transport called ``pause_writing`` is ``paused``; its
-events are held in ``pending`` instead of written.  Policy per topic:
-- ``drop``: events are held until ``max_buffer`` bytes; past that the connection is
-  closed (verdict ``"buffer"``) and the client resumes from history when it reconnects.
-- ``conflate``: events are held keyed by ``(topic, key)`` (key = None when the message had
-  none), so a newer event replaces the held older one: the client gets the newest value per
-  key, in sequence order.  If even that exceeds ``max_buffer`` the connection is dropped.
-When the transport resumes, everything held goes out in one write.
+Slow consumers (routes HOLD).  Events for a connection whose transport is paused, which
+still owes a backlog, or which is starting, go to its backlog (core/conn.py ``Backlog``) as
+references to the shared frames; the server pumps the backlog out as the client reads.
+Policy per topic: ``drop`` keeps every event; ``conflate`` keeps only the newest per
+``(topic, key)``.  A connection whose backlog stays over ``max_buffer`` for ``grace_ms``
+is closed (verdict ``"buffer"``) and resumes from history when it reconnects; a burst the
+client drains within the grace is not slowness.
 
 Replay floors.  A new stream is subscribed *before* its replay is fetched, and the replay
 covers each topic up to the broker's head at that moment, so the first flushes may carry
 events it already got (still in a batch, or on their way from the broker).  Its ``floor``
 maps topic -> highest sequence the replay covered; events at or under it are skipped, and
 the floor disappears with the first event above it, returning the connection to the fast
-path.  Held events are kept in sequence order across topics, so a client that resumes from
-the last id it saw never skips an earlier event of another topic.
+path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from .conn import HOLD, LIVE, STREAM, Backlog, Conn, owed, refresh
 from .history import Event
 from .sse import chunk
-from .table import CLOSED, Conn, Table, TopicState
+from .table import Table, TopicState
+
+#: Largest shared write, in bytes of SSE frames (a larger flush is cut into segments; a
+#: single larger event is one segment of its own).  64 KiB is the transport's default
+#: high-water mark: per connection, user-space output stays within two of these.
+SEGMENT_BYTES = 64 * 1024
 
 
 class FlushStats:
     """Plain-int counters the metrics layer reads; no locking, no per-event objects."""
 
     __slots__ = ("flushes", "writes", "events_delivered", "bytes_written", "held", "conflated",
-                 "last_writes", "last_events", "caught_up")
+                 "last_writes", "last_events", "caught_up", "write_errors")
 
     def __init__(self) -> None:
         self.flushes = 0
@@ -55,45 +60,88 @@ class FlushStats:
         self.last_writes = 0
         self.last_events = 0
         self.caught_up = 0
+        self.write_errors = 0
+
+
+class Segment:
+    """Consecutive events joined once: ``raw`` SSE bytes and the same ``framed`` as one
+    HTTP chunk (chunked streams get ``framed``, HTTP/1.0 ones ``raw``)."""
+
+    __slots__ = ("events", "raw", "framed")
+
+    def __init__(self, events: list[Event]) -> None:
+        self.events = events
+        self.raw = events[0].frame if len(events) == 1 else b"".join([e.frame for e in events])
+        self.framed = chunk(self.raw)
+
+
+def segments(events: list[Event], limit: int = SEGMENT_BYTES) -> list[Segment]:
+    """Cut ``events`` into segments of about ``limit`` bytes (one when they fit)."""
+    out: list[Segment] = []
+    start = size = 0
+    for i, e in enumerate(events):
+        n = len(e.frame)
+        if size and size + n > limit:
+            out.append(Segment(events[start:i]))
+            start, size = i, 0
+        size += n
+    if start < len(events):
+        out.append(Segment(events[start:] if start else events))
+    return out
+
+
+class Plan:
+    """What one sweep step decided, for the server to carry out in this order:
+    ``shared`` (connections, segments every one of them gets), ``single`` (a connection and
+    events of its own: a filtered or merged list), ``drops`` (connection, reason)."""
+
+    __slots__ = ("shared", "single", "drops")
+
+    def __init__(self) -> None:
+        self.shared: list[tuple[list[Conn], list[Segment]]] = []
+        self.single: list[tuple[Conn, list[Event]]] = []
+        self.drops: list[tuple[Conn, str]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.shared or self.single or self.drops)
 
 
 class _Item:
-    """One topic's part of a sweep: the subscribers to write and the bytes they get."""
+    """One part of a sweep: a topic's single-topic subscribers (``ts`` set), or a topic
+    set's members (``ts`` None), and the events they get."""
 
-    __slots__ = ("ts", "base", "events", "raw", "framed", "subs", "pos", "caught", "extended", "cache")
+    __slots__ = ("ts", "events", "segs", "subs", "pos", "caught", "extended", "cache")
 
-    def __init__(self, ts: TopicState, batch: list[Event]) -> None:
+    def __init__(self, ts: TopicState | None, subs: list[Conn], events: list[Event]) -> None:
         self.ts = ts
-        self.base = batch  # the events every subscriber of this sweep gets
-        self.events = batch  # base plus catch-up events for those not written yet
-        self.raw = batch[0].frame if len(batch) == 1 else b"".join([e.frame for e in batch])
-        self.framed = chunk(self.raw)
-        self.subs: list[Conn] = list(ts.subs.values())
+        self.events = events
+        self.segs = segments(events)
+        self.subs = subs
         self.pos = 0
-        self.caught = batch[-1].seq
+        self.caught = events[-1].seq
         self.extended = False
-        self.cache: dict[int, tuple[list[Event], bytes, bytes]] = {}  # floor -> filtered bytes
+        self.cache: dict[int, list[Event]] = {}  # floor -> events above it
 
 
 class _Sweep:
-    __slots__ = ("items", "idx", "multi", "writes", "nevents")
+    __slots__ = ("items", "idx", "writes", "nevents")
 
     def __init__(self) -> None:
         self.items: list[_Item] = []
         self.idx = 0
-        self.multi: dict[Conn, list[Event]] = {}
         self.writes = 0
         self.nevents = 0
 
 
 class Fanout:
-    def __init__(self, table: Table, max_buffer: int, on_drop: Callable[[Conn, str], None]) -> None:
+    def __init__(self, table: Table, max_buffer: int, grace_ms: int) -> None:
         self.table = table
         self.max_buffer = max_buffer
-        self.on_drop = on_drop  # called for a connection that must be closed, with a reason
+        self.grace_ms = grace_ms
         self.dirty: list[TopicState] = []
         self.queued_writes = 0  # subscriber-writes waiting for the next flush
         self.arrivals = 0  # events queued so far: each one's ``n``
+        self.sweeps = 0
         self.current: _Sweep | None = None  # the sweep in progress, if any
         self.stats = FlushStats()
 
@@ -104,259 +152,204 @@ class Fanout:
         self.arrivals += 1
         ev.n = self.arrivals
         ts = self.table.topics.get(ev.topic)
-        if ts is None or not ts.subs:
+        if ts is None or not ts.count:
             return self.queued_writes
         if not ts.batch:
             self.dirty.append(ts)
-            self.queued_writes += len(ts.subs)
+            self.queued_writes += ts.count
         ts.batch.append(ev)
         return self.queued_writes
 
-    # -- flush side -----------------------------------------------------------------
+    # -- sweep side -----------------------------------------------------------------
 
-    def flush(self, now_ms: int) -> int:
-        """Finish the sweep in progress, if any, and sweep until nothing is dirty (the
-        whole thing at once, without yielding).  Returns writes done."""
-        writes = 0
-        while True:
-            done, n = self.sweep_step(now_ms, 1 << 62)
-            writes += n
-            if done and not self.dirty:
-                return writes
+    def sweep_step(self, now_ms: int, quota: int) -> tuple[bool, Plan]:
+        """Advance the current sweep (starting one if anything is dirty) by about ``quota``
+        subscribers.  Returns (done, plan).
 
-    def sweep_step(self, now_ms: int, quota: int) -> tuple[bool, int]:
-        """Advance the current sweep by up to ``quota`` subscriber writes.
-
-        Returns (done, writes).  Between steps the caller lets the event loop run; events
-        published meanwhile are added ("catch-up") for the subscribers this sweep has not
-        written yet, who then carry a floor so the next sweep skips them.
+        Between steps the caller lets the event loop run; events of a topic published
+        meanwhile are added ("catch-up") for its subscribers this sweep has not reached
+        yet, who then carry a floor so that the next sweep skips them.
         """
+        plan = Plan()
         sw = self.current
         if sw is None:
             if not self.dirty:
-                return True, 0
+                return True, plan
             sw = self.current = self._begin()
         items = sw.items
-        writes = 0
-        nbytes = 0
-        delivered = 0
         while quota > 0 and sw.idx < len(items):
             it = items[sw.idx]
             ts = it.ts
-            if ts.batch and ts.batch[-1].seq > it.caught:  # type: ignore[attr-defined]
+            if ts is not None and ts.batch and ts.batch[-1].seq > it.caught:  # type: ignore[attr-defined]
                 self._catch_up(it)
             subs = it.subs
             end = min(len(subs), it.pos + quota)
-            framed, raw, n = it.framed, it.raw, len(it.events)
-            lf, lr = len(framed), len(raw)
             caught = it.caught if it.extended else 0
-            w = 0
-            fast = 0
+            live: list[Conn] = []
             for i in range(it.pos, end):
                 conn = subs[i]
-                if conn.state == CLOSED:
-                    continue
-                if conn.paused or conn.floor is not None or len(conn.topics) > 1:
-                    # Slow path: merged later (several topics), filtered (a floor), or held.
-                    if not conn.topics:
-                        continue  # its stream was abandoned mid-sweep
-                    if len(conn.topics) > 1:
-                        lst = sw.multi.get(conn)
-                        if lst is None:
-                            sw.multi[conn] = list(it.base)
-                        else:
-                            lst.extend(it.base)
-                        continue
-                    evs = it.events
-                    data = framed if conn.chunked else raw
-                    floor = conn.floor
-                    if floor is not None:
-                        f = floor.get(ts.name)
-                        if f is not None:
-                            # Subscribers that caught up in the same slice of the previous
-                            # sweep share one floor: filter and join once per floor value.
-                            cached = it.cache.get(f)
-                            if cached is None:
-                                kept = [e for e in evs if e.seq > f]
-                                kraw = b"".join([e.frame for e in kept])
-                                cached = it.cache[f] = (kept, kraw, chunk(kraw))
-                            evs = cached[0]
-                            data = cached[2] if conn.chunked else cached[1]
-                            if evs:
-                                del floor[ts.name]
-                                if not floor:
-                                    conn.floor = None
-                            if not evs:
-                                continue
+                route = conn.route
+                if route == LIVE:
+                    live.append(conn)
                     if caught:
-                        self._set_floor(conn, ts.name, caught)
-                    if conn.paused:
-                        self.hold(conn, evs)
-                        continue
-                    conn.transport.write(data)  # type: ignore[attr-defined]
-                    conn.last_write_ms = now_ms
-                    nbytes += len(data)
-                    w += 1
-                    delivered += len(evs)
-                    continue
-                if conn.chunked:
-                    conn.transport.write(framed)  # type: ignore[attr-defined]
-                    nbytes += lf
-                else:
-                    conn.transport.write(raw)  # type: ignore[attr-defined]
-                    nbytes += lr
-                conn.last_write_ms = now_ms
-                if caught:
-                    conn.floor = {ts.name: caught}
-                w += 1
-                fast += 1
-            delivered += fast * n
-            writes += w
+                        conn.floor = {ts.name: caught}  # type: ignore[union-attr]
+                        conn.route = HOLD
+                elif route == HOLD:
+                    self._slow(conn, it, caught, plan, now_ms)
+            if live:
+                plan.shared.append((live, it.segs))
+                sw.writes += len(live)
             quota -= max(1, end - it.pos)
             it.pos = end
             if end >= len(subs):
                 sw.idx += 1
         done = sw.idx >= len(items)
         if done:
-            for conn, evs in sw.multi.items():
-                if conn.state == CLOSED:
-                    continue
-                # Interleave topics in the order the events came: with one broker shard
-                # that is publish (seq) order; with several, seqs of different shards are
-                # unrelated and each frame's vector id is only right in arrival order.
-                evs.sort(key=_arrival)
-                if conn.floor is not None:
-                    evs = self._apply_floor(conn, evs)
-                    if not evs:
-                        continue
-                if conn.paused:
-                    self.hold(conn, evs)
-                    continue
-                nbytes += self._write_events(conn, evs, now_ms)
-                writes += 1
-                delivered += len(evs)
             self.current = None
-        stats = self.stats
-        stats.writes += writes
-        stats.events_delivered += delivered
-        stats.bytes_written += nbytes
-        sw.writes += writes
-        if done:
-            stats.flushes += 1
-            stats.last_writes = sw.writes
-            stats.last_events = sw.nevents
-        return done, writes
+            st = self.stats
+            st.flushes += 1
+            st.last_writes = sw.writes
+            st.last_events = sw.nevents
+        return done, plan
 
     def _begin(self) -> _Sweep:
         dirty = self.dirty
         self.dirty = []
         self.queued_writes = 0
+        self.sweeps += 1
+        mark = self.sweeps
         sw = _Sweep()
         topics = self.table.topics
+        batches: dict[str, list[Event]] = {}
+        touched = []
         for ts in dirty:
             batch: list[Event] = ts.batch  # type: ignore[assignment]
             ts.batch = []
-            if not ts.subs:
+            if not ts.count:
                 if topics.get(ts.name) is ts:
                     del topics[ts.name]
                 continue
             sw.nevents += len(batch)
-            sw.items.append(_Item(ts, batch))
+            if ts.subs:
+                sw.items.append(_Item(ts, list(ts.subs.values()), batch))
+            for tset in ts.sets:
+                if tset.mark != mark:
+                    tset.mark = mark
+                    touched.append(tset)
+            if ts.sets:
+                batches[ts.name] = batch
+        for tset in touched:
+            lists = [b for b in (batches.get(name) for name in tset.topics) if b]
+            if len(lists) == 1:
+                evs = lists[0]
+            else:
+                # Interleave topics in the order the events came: with one broker shard
+                # that is publish (seq) order; with several, seqs of different shards are
+                # unrelated and each frame's vector id is only right in arrival order.
+                evs = [e for b in lists for e in b]
+                evs.sort(key=_arrival)
+            sw.items.append(_Item(None, list(tset.subs.values()), evs))
         return sw
 
     def _catch_up(self, it: _Item) -> None:
         """Add events published since the sweep began to the rest of this topic's pass."""
-        batch: list[Event] = it.ts.batch  # type: ignore[assignment]
+        batch: list[Event] = it.ts.batch  # type: ignore[union-attr, assignment]
         new = [e for e in batch if e.seq > it.caught]
         if not new:
             return
         it.events = it.events + new
         it.caught = new[-1].seq
         it.extended = True
-        it.raw = b"".join([e.frame for e in it.events])
-        it.framed = chunk(it.raw)
+        it.segs = segments(it.events)
         it.cache = {}
         self.stats.caught_up += len(new)
 
-    @staticmethod
-    def _set_floor(conn: Conn, topic: str, seq: int) -> None:
+    def _slow(self, conn: Conn, it: _Item, caught: int, plan: Plan, now_ms: int) -> None:
+        """A HOLD connection: filter by its floor, then write (only a floor held it) or hold."""
+        evs = it.events
         floor = conn.floor
-        if floor is None:
-            conn.floor = {topic: seq}
-        elif floor.get(topic, 0) < seq:
-            floor[topic] = seq
-
-    @staticmethod
-    def _apply_floor(conn: Conn, evs: list[Event]) -> list[Event]:
-        """Drop events a new stream already got from its replay (seq <= its topic's floor).
-
-        A topic's floor is removed once an event above it passes: sequences only grow, so
-        nothing later can fall under it; when no floor is left the connection is back on
-        the fast path.
-        """
-        floor = conn.floor
-        assert floor is not None
-        out = []
-        for e in evs:
-            f = floor.get(e.topic)
-            if f is None:
-                out.append(e)
-            elif e.seq > f:
-                del floor[e.topic]
-                out.append(e)
-        if not floor:
-            conn.floor = None
-        return out
-
-    def _write_events(self, conn: Conn, evs: list[Event], now_ms: int) -> int:
-        raw = evs[0].frame if len(evs) == 1 else b"".join([e.frame for e in evs])
-        data = chunk(raw) if conn.chunked else raw
-        conn.transport.write(data)  # type: ignore[attr-defined]
-        conn.last_write_ms = now_ms
-        return len(data)
+        if floor is not None:
+            ts = it.ts
+            if ts is not None:
+                f = floor.get(ts.name)
+                if f is not None:
+                    # Subscribers that caught up in the same slice of the previous sweep
+                    # share one floor: filter once per floor value.
+                    kept = it.cache.get(f)
+                    if kept is None:
+                        kept = it.cache[f] = [e for e in evs if e.seq > f]
+                    evs = kept
+                    if evs:
+                        del floor[ts.name]
+            else:
+                evs = apply_floor(floor, evs)
+            if not floor:
+                conn.floor = None
+                refresh(conn)
+            if not evs:
+                return
+        if caught:
+            set_floor(conn, it.ts.name, caught)  # type: ignore[union-attr]
+        if conn.route == HOLD and (conn.state != STREAM or conn.wpaused or conn.backlog is not None):
+            if self.hold(conn, evs, now_ms, False):
+                plan.drops.append((conn, "buffer"))
+            return
+        plan.single.append((conn, evs))
 
     # -- slow consumers -------------------------------------------------------------
 
-    def hold(self, conn: Conn, evs: list[Event]) -> None:
-        """Keep ``evs`` (ascending by seq) for a paused connection, by topic policy."""
-        if conn.state == CLOSED:
-            return
-        pending = conn.pending
-        if pending is None:
-            pending = conn.pending = {}
-        size = conn.pending_bytes
+    def hold(self, conn: Conn, evs: list[Event], now_ms: int, replay: bool) -> bool:
+        """Add ``evs`` to what ``conn`` owes, by topic policy (a ``replay`` is never
+        conflated: a resuming client gets every event).  Returns True when the connection
+        must now be dropped: its backlog has stayed over ``max_buffer`` for ``grace_ms``."""
+        b = conn.backlog
+        if b is None:
+            b = conn.backlog = Backlog()
+            refresh(conn)
         stats = self.stats
-        topics = self.table.topics
-        for ev in evs:
-            ts = topics.get(ev.topic)
-            if ts is not None and ts.conflate:
-                k: object = (ev.topic, ev.key)
-                old = pending.pop(k, None)  # re-inserted at the end: keeps seq order
-                if old is not None:
-                    size -= len(old.frame)  # type: ignore[attr-defined]
+        if replay:
+            for ev in evs:
+                b.push(ev, False)
+        else:
+            topics = self.table.topics
+            for ev in evs:
+                ts = topics.get(ev.topic)
+                if b.push(ev, ts is not None and ts.conflate):
                     stats.conflated += 1
-            else:
-                k = (ev.topic, ev.seq)  # a seq alone is not unique across broker shards
-            pending[k] = ev
-            size += len(ev.frame)
-            stats.held += 1
-        conn.pending_bytes = size
-        if size > self.max_buffer:
-            self.on_drop(conn, "buffer")
+            stats.held += len(evs)
+        owed(conn, now_ms, self.max_buffer)
+        return bool(conn.over_ms) and now_ms - conn.over_ms >= self.grace_ms
 
-    def resume(self, conn: Conn, now_ms: int) -> None:
-        """The transport can take more: send everything held, in one write."""
-        conn.paused = False
-        pending = conn.pending
-        if not pending:
-            return
-        conn.pending = None
-        conn.pending_bytes = 0
-        evs: list[Event] = list(pending.values())  # type: ignore[arg-type]
-        n = self._write_events(conn, evs, now_ms)
-        self.stats.writes += 1
-        self.stats.events_delivered += len(evs)
-        self.stats.bytes_written += n
+    def conflate_only(self, conn: Conn) -> bool:
+        """Every topic of ``conn`` has the ``conflate`` policy."""
+        topics = self.table.topics
+        return bool(conn.topics) and all((ts := topics.get(t)) is not None and ts.conflate for t in conn.topics)
+
+
+def set_floor(conn: Conn, topic: str, seq: int) -> None:
+    floor = conn.floor
+    if floor is None:
+        conn.floor = {topic: seq}
+        refresh(conn)
+    elif floor.get(topic, 0) < seq:
+        floor[topic] = seq
+
+
+def apply_floor(floor: dict[str, int], evs: list[Event]) -> list[Event]:
+    """Drop events a new stream already got from its replay (seq <= its topic's floor).
+
+    A topic's floor is removed once an event above it passes: sequences only grow, so
+    nothing later can fall under it; the caller clears an emptied floor.
+    """
+    out = []
+    for e in evs:
+        f = floor.get(e.topic)
+        if f is None:
+            out.append(e)
+        elif e.seq > f:
+            del floor[e.topic]
+            out.append(e)
+    return out
 
 
 def _arrival(e: Event) -> int:

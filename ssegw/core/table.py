@@ -1,89 +1,64 @@
 """The connection table: slot records with a free list, and the topic -> subscribers index.
 
 Strategy: every accepted socket gets a slot, an integer index into ``Table.records``.  Freed
-slots go on a free list and are reused lowest-last (LIFO, so the table stays dense).  Each
-reuse bumps the slot's generation, so a stale reference (``slot``, ``gen``) can be detected.
-The record itself is a ``__slots__`` object; the server's protocol class *is* the record
-(it subclasses :class:`Conn`), so a connection costs one Python object, not two.
+slots go on a free list and are reused lowest-last (LIFO, so the table stays dense).  The
+record itself is the protocol object (it subclasses :class:`~ssegw.core.conn.Conn`), so a
+connection costs one Python object, not two; its lifecycle lives in ``core/conn.py``.
 
 There is no asyncio Task, Future or TimerHandle per connection: timers are entries in the
-worker's single wheel (``timer``/``deadline``), flow control is the ``paused`` flag, and
-output waiting for a slow client lives in ``pending`` (bounded by ``max_buffer``).
+worker's single wheel (``timer``/``deadline``), flow control is the ``wpaused`` flag, and
+output owed to a slow client lives in its ``backlog``.
 
-Subscribers of a topic are kept in a dict keyed by slot: O(1) add/remove and fast iteration
-for the fan-out sweep.
+The index.  A stream of one topic sits in that topic's ``subs``.  A stream of several topics
+sits in a :class:`TopicSet` -- one per distinct set of topics, shared by every stream with the
+same set -- and each of those topics points at the set.  A flush then builds one merged
+buffer per touched set and writes it to every member, instead of merging and joining once
+per connection (CONTRACT "Subscribers with the same topic set share one merged buffer").
+Subscribers of a topic are dicts keyed by slot: O(1) add/remove, fast iteration.
 """
 
 from __future__ import annotations
 
-# Connection states.  A connection starts in HEAD (reading a request head), may go through
-# BODY (reading a /publish body) and WAIT (a handler is running), returns to HEAD on
-# keep-alive, or becomes a STREAM.  CLOSED is terminal.
-HEAD, BODY, WAIT, STREAM, CLOSED = 0, 1, 2, 3, 4
+from collections.abc import Callable
+
+from .conn import Conn
 
 
-class Conn:
-    """One connection's record.  Subclassed by the protocol class."""
+class TopicSet:
+    """Streams subscribed to exactly the same several topics."""
 
-    __slots__ = (
-        "slot",
-        "gen",
-        "state",
-        "transport",
-        "ip",
-        "topics",
-        "chunked",
-        "paused",
-        "pending",
-        "pending_bytes",
-        "last_write_ms",
-        "timer",
-        "deadline",
-        "floor",
-    )
+    __slots__ = ("topics", "subs", "mark")
 
-    def init_conn(self) -> None:
-        self.slot = -1
-        self.gen = 0
-        self.state = HEAD
-        self.transport: object = None
-        self.ip = ""
-        self.topics: tuple[str, ...] = ()
-        self.chunked = True
-        self.paused = False
-        # Events held while the transport is paused: {seq or (topic, key): Event}, in
-        # delivery order.  None while nothing is held (the common case costs nothing).
-        self.pending: dict[object, object] | None = None
-        self.pending_bytes = 0
-        self.last_write_ms = 0
-        self.timer: object = None  # head/idle timeout, then heartbeat
-        self.deadline: object = None  # lifetime / token expiry / drain close
-        # topic -> highest seq its replay covered; None once live (see core/fanout.py).
-        self.floor: dict[str, int] | None = None
+    def __init__(self, topics: tuple[str, ...]) -> None:
+        self.topics = topics
+        self.subs: dict[int, Conn] = {}
+        self.mark = 0  # the sweep that last took this set (see core/fanout.py)
 
 
 class TopicState:
     """Subscribers of one topic plus the events published since the last flush."""
 
-    __slots__ = ("name", "subs", "batch", "conflate")
+    __slots__ = ("name", "subs", "sets", "count", "batch", "conflate")
 
     def __init__(self, name: str, conflate: bool) -> None:
         self.name = name
-        self.subs: dict[int, Conn] = {}
+        self.subs: dict[int, Conn] = {}  # single-topic streams
+        self.sets: list[TopicSet] = []  # multi-topic sets including this topic
+        self.count = 0  # every stream of the topic, in subs or in a set
         self.batch: list[object] = []
         self.conflate = conflate
 
 
 class Table:
-    """Slots, free list, generations and the topic index of one worker."""
+    """Slots, free list and the topic index of one worker."""
 
-    def __init__(self, conflate_for: object = None) -> None:
+    def __init__(self, conflate_for: Callable[[str], bool] | None = None) -> None:
         self.records: list[Conn | None] = []
-        self.gens: list[int] = []
         self.free: list[int] = []
         self.used = 0
         self.streams = 0
         self.topics: dict[str, TopicState] = {}
+        self.sets: dict[tuple[str, ...], TopicSet] = {}
         # conflate_for(topic) -> bool: the topic's slow-consumer policy is "conflate".
         self._conflate_for = conflate_for
 
@@ -95,21 +70,12 @@ class Table:
         if self.free:
             slot = self.free.pop()
             self.records[slot] = conn
-            self.gens[slot] += 1
         else:
             slot = len(self.records)
             self.records.append(conn)
-            self.gens.append(0)
         conn.slot = slot
-        conn.gen = self.gens[slot]
         self.used += 1
         return slot
-
-    def get(self, slot: int, gen: int) -> Conn | None:
-        """The record in ``slot`` if it is still generation ``gen``."""
-        if 0 <= slot < len(self.records) and self.gens[slot] == gen:
-            return self.records[slot]
-        return None
 
     def remove(self, conn: Conn) -> None:
         """Free the slot of ``conn`` (idempotent) and drop its subscriptions."""
@@ -122,42 +88,70 @@ class Table:
         self.used -= 1
         conn.slot = -1
 
+    def topic(self, name: str) -> TopicState:
+        ts = self.topics.get(name)
+        if ts is None:
+            conflate = bool(self._conflate_for(name)) if self._conflate_for is not None else False
+            ts = self.topics[name] = TopicState(name, conflate)
+        return ts
+
     def subscribe(self, conn: Conn, topics: tuple[str, ...]) -> list[str]:
-        """Add ``conn`` to the index under ``topics``.  Returns the topics that had no
-        subscriber before (the broker's interest changes)."""
+        """Add ``conn`` to the index under ``topics`` (distinct names).  Returns the topics
+        that had no subscriber before (the broker's interest changes)."""
         self.streams += 1
         fresh: list[str] = []
-        names: list[str] = []
-        for name in topics:
-            ts = self.topics.get(name)
-            if ts is None:
-                conflate = bool(self._conflate_for(name)) if self._conflate_for else False  # type: ignore[operator]
-                ts = self.topics[name] = TopicState(name, conflate)
-            if not ts.subs:
-                fresh.append(name)
+        states = [self.topic(name) for name in topics]
+        for ts in states:
+            if not ts.count:
+                fresh.append(ts.name)
+            ts.count += 1
+        if len(states) == 1:
+            ts = states[0]
             ts.subs[conn.slot] = conn
-            names.append(ts.name)  # share one string per topic, not one per connection
-        conn.topics = tuple(names)
+            conn.topics = (ts.name,)  # share one string per topic, not one per connection
+            return fresh
+        key = tuple(sorted(topics))
+        tset = self.sets.get(key)
+        if tset is None:
+            tset = self.sets[key] = TopicSet(tuple(ts.name for ts in states))
+            for ts in states:
+                ts.sets.append(tset)
+        tset.subs[conn.slot] = conn
+        conn.topics = tset.topics  # one tuple per set, shared by its members
         return fresh
 
     def unsubscribe(self, conn: Conn) -> list[str]:
         """Remove ``conn`` from the index.  Returns the topics left without subscribers."""
-        if not conn.topics:
+        topics = conn.topics
+        if not topics:
             return []
         self.streams -= 1
+        conn.topics = ()
+        key = tuple(sorted(topics)) if len(topics) > 1 else None
+        emptied = None
+        if key is not None:
+            tset = self.sets.get(key)
+            if tset is not None:
+                tset.subs.pop(conn.slot, None)
+                if not tset.subs:
+                    del self.sets[key]
+                    emptied = tset
         gone: list[str] = []
-        for name in conn.topics:
+        for name in topics:
             ts = self.topics.get(name)
             if ts is None:
                 continue
-            ts.subs.pop(conn.slot, None)
-            if not ts.subs:
+            if key is None:
+                ts.subs.pop(conn.slot, None)
+            elif emptied is not None:
+                ts.sets.remove(emptied)
+            ts.count -= 1
+            if not ts.count:
                 gone.append(name)
                 if not ts.batch:
                     del self.topics[name]
-        conn.topics = ()
         return gone
 
     def subscribers(self, topic: str) -> int:
         ts = self.topics.get(topic)
-        return len(ts.subs) if ts is not None else 0
+        return ts.count if ts is not None else 0

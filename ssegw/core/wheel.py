@@ -84,6 +84,9 @@ class TimerWheel:
         # ticks > current, and these must come out of the very next advance().
         self._due: list[Timer] = []
         self._live = 0
+        #: Entries held, live or cancelled-but-not-yet-reached (cancelling is lazy): what
+        #: the wheel costs in memory, as opposed to len().
+        self.stored = 0
 
     @property
     def now_ms(self) -> int:
@@ -112,6 +115,7 @@ class TimerWheel:
         tick = max(-(-deadline_ms // self._tick_ms), 0)
         timer = Timer(deadline_ms, kind, target, tick)
         self._live += 1
+        self.stored += 1
         if deadline_ms <= self._now_ms:
             self._due.append(timer)
         else:  # here tick > self._cur, as the wheel requires
@@ -175,6 +179,7 @@ class TimerWheel:
         return level, (tick >> (self._bits * level)) & self._mask
 
     def _expire(self, timers: list[Timer], out: list[Timer]) -> None:
+        self.stored -= len(timers)
         for timer in timers:
             if timer.target is not None:  # cancelled ones are simply dropped here
                 timer.tick = _FIRED
@@ -209,6 +214,8 @@ class TimerWheel:
         for timer in bucket:
             if timer.target is not None:
                 moved.setdefault(self._slot(timer.tick), []).append(timer)
+            else:
+                self.stored -= 1
         # Prepend, not append: for one tick, a timer on a higher level was always
         # scheduled before any timer already on a lower level (its delta was larger),
         # so putting the cascaded group first keeps expiry FIFO within a tick.
@@ -224,6 +231,7 @@ class TimerWheel:
         ]
         self._wheel = [[[] for _ in range(self._mask + 1)] for _ in range(self._levels)]
         self._cur = target
+        self.stored = len(alive) + len(self._due)
         due = [t for t in alive if t.tick <= target]
         later = [t for t in alive if t.tick > target]
         due.sort(key=_tick_of)

@@ -17,13 +17,13 @@ import logging
 import os
 import random
 import time
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote
 
 import h11
 import orjson
 
 from ..broker.base import BrokerUnavailable, PublishUnresolved, Replay
+from ..core.conn import ACCEPT_STREAM, CLOSED, START_FAILED, STARTING, advance
 from ..core.errors import (
     BadRequest,
     Forbidden,
@@ -37,14 +37,11 @@ from ..core.errors import (
 from ..core.ids import parse_id
 from ..core.publish import parse_publish
 from ..core.sse import encode_reset, encode_retry
-from ..core.table import CLOSED
 from ..core.topics import validate_topic
 from ..metrics import CONTENT_TYPE, make_registry, render
 from ..policy.limits import client_ip
+from .context import Context
 from .protocol import HTTPProtocol
-
-if TYPE_CHECKING:
-    from .worker import Worker
 
 log = logging.getLogger("ssegw.http")
 
@@ -65,7 +62,7 @@ def _header(req: h11.Request, name: bytes) -> str | None:
     return None
 
 
-def handle(w: Worker, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
+def handle(w: Context, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
     path, _, query = req.target.partition(b"?")
     method = req.method
     if p.admin:
@@ -98,7 +95,7 @@ def handle(w: Worker, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
 # -- CORS -------------------------------------------------------------------------------
 
 
-def cors_headers(w: Worker, p: HTTPProtocol) -> list[tuple[bytes, bytes]]:
+def cors_headers(w: Context, p: HTTPProtocol) -> list[tuple[bytes, bytes]]:
     origins = w.cfg.cors_origins
     req = p.req
     if not origins or req is None:
@@ -119,7 +116,7 @@ def cors_headers(w: Worker, p: HTTPProtocol) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def preflight(w: Worker, p: HTTPProtocol, req: h11.Request, methods: bytes) -> None:
+def preflight(w: Context, p: HTTPProtocol, req: h11.Request, methods: bytes) -> None:
     hdrs = cors_headers(w, p)
     if hdrs:
         asked = _header(req, b"access-control-request-headers")
@@ -136,13 +133,13 @@ def preflight(w: Worker, p: HTTPProtocol, req: h11.Request, methods: bytes) -> N
 # -- subscribe --------------------------------------------------------------------------
 
 
-def _client_ip(w: Worker, p: HTTPProtocol, req: h11.Request) -> str:
+def _client_ip(w: Context, p: HTTPProtocol, req: h11.Request) -> str:
     if not w.cfg.trusted_proxies:
         return p.ip
     return client_ip(p.ip, _header(req, b"x-forwarded-for"), w.cfg.trusted_proxies)
 
 
-def parse_subscribe(w: Worker, req: h11.Request, query: bytes) -> tuple[tuple[str, ...], str | None, str | None, str | None]:
+def parse_subscribe(w: Context, req: h11.Request, query: bytes) -> tuple[tuple[str, ...], str | None, str | None, str | None]:
     """(topics, since, last_event_id, query_token) from a ``/events`` request; 400 if bad."""
     try:
         fields = parse_qsl(query.decode("latin-1"), keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS,
@@ -178,13 +175,13 @@ def parse_subscribe(w: Worker, req: h11.Request, query: bytes) -> tuple[tuple[st
     return tuple(topics), since, last_id, token
 
 
-def open_stream(w: Worker, p: HTTPProtocol, req: h11.Request, query: bytes) -> None:
+def open_stream(w: Context, p: HTTPProtocol, req: h11.Request, query: bytes) -> None:
     topics, since, last_id, qtoken = parse_subscribe(w, req, query)
     after = parse_id(last_id) if last_id is not None else None
     # Admission before token verification: a denied or rate-limited address must not be
     # able to make us run signature checks.
     ip = _client_ip(w, p, req)
-    w.admission.admit(ip, w.table.streams, w.now_ms(), w.draining)
+    w.admission.admit(ip, w.connections_open - 1, w.now_ms(), w.draining)
     p.ip = ip
     p.held_ip = True
     principal = None
@@ -209,14 +206,15 @@ def open_stream(w: Worker, p: HTTPProtocol, req: h11.Request, query: bytes) -> N
     w.start_stream(p, args)
 
 
-def begin_stream(w: Worker, p: HTTPProtocol, topics: tuple[str, ...], after: tuple[str, tuple[int, ...]] | None,
+def begin_stream(w: Context, p: HTTPProtocol, topics: tuple[str, ...], after: tuple[str, tuple[int, ...]] | None,
                  since: str | None, principal: object) -> None:
     """Subscribe, replay and start a stream whose request passed every check."""
     if p.state == CLOSED:
         return
-    # Subscribe first and hold live events while the replay is fetched; the replay and the
-    # held events are merged (duplicates removed by sequence) when the stream starts.
-    p.paused = True
+    # Subscribe first and hold live events (state STARTING) while the replay is fetched;
+    # the replay and the held events are merged (duplicates removed by sequence) when the
+    # stream starts.
+    advance(p, ACCEPT_STREAM)
     w.subscribe(p, topics)
     cors = cors_headers(w, p)
     broker = w.broker
@@ -228,14 +226,17 @@ def begin_stream(w: Worker, p: HTTPProtocol, topics: tuple[str, ...], after: tup
     task.add_done_callback(lambda t: _replayed(w, p, t, principal, cors))
 
 
-def _replayed(w: Worker, p: HTTPProtocol, task: asyncio.Task, principal: object, cors: list) -> None:
-    if p.state == CLOSED:
+def _replayed(w: Context, p: HTTPProtocol, task: asyncio.Task, principal: object, cors: list) -> None:
+    if p.state != STARTING:
         return
     exc = task.exception()
     if exc is not None:
         w.abandon_stream(p)
+        advance(p, START_FAILED)
+        # The connection was subscribed a moment ago: the answer closes it, so nothing of a
+        # stream can follow it on a connection the client might reuse.
         if isinstance(exc, BrokerUnavailable):
-            p.respond_error(Unavailable("history is unavailable, retry", headers=(("Retry-After", "1"),)))
+            p.respond_error(Unavailable("history is unavailable, retry", headers=(("Retry-After", "1"),)), close=True)
         else:
             log.error("replay failed", exc_info=exc)
             p.respond_internal("replay failed")
@@ -243,38 +244,45 @@ def _replayed(w: Worker, p: HTTPProtocol, task: asyncio.Task, principal: object,
     _start(w, p, task.result(), principal, cors)
 
 
-def _start(w: Worker, p: HTTPProtocol, replay: Replay, principal: object, cors: list) -> None:
+def _start(w: Context, p: HTTPProtocol, replay: Replay, principal: object, cors: list) -> None:
     parts = [_OPEN_COMMENT, encode_retry(w.retry_ms)]
     if replay.reset:
         parts.append(encode_reset(replay.reset))
         w.resets += 1
-    for ev in replay.events:
-        parts.append(ev.frame)
     w.events_replayed += len(replay.events)
     floors = replay.floors
-    held = p.pending
-    p.pending = None
-    p.pending_bytes = 0
-    if held:
-        for ev in held.values():
-            f = floors.get(ev.topic)  # type: ignore[attr-defined]
-            if f is None or ev.seq > f:  # type: ignore[attr-defined]
-                parts.append(ev.frame)  # type: ignore[attr-defined]
+    # What the stream owes: the replay, then events held while it was fetched, minus
+    # those the replay already covered.  All of it is paced out as the client reads
+    # (server/flow.py), never joined and written whole.
+    held = p.backlog
+    p.backlog = None
+    owed = list(replay.events)
+    if held is not None:
+        owed.extend(e for e in held.take(1 << 62) if e.seq > floors.get(e.topic, 0))
     # Events still in a batch (or on their way from the broker) at or under a topic's floor
     # were part of the replay: the fan-out skips them (core/fanout.py "Replay floors").
     p.floor = dict(floors) if floors else None
-    p.paused = False
-    p.start_stream(_STREAM_HEADERS + cors, b"".join(parts))
     now = w.now_ms()
-    p.last_write_ms = now
+    p.start_stream(_STREAM_HEADERS + cors, b"".join(parts))
+    p.last_write_ms = p.progress_ms = now
+    if owed and w.fanout.hold(p, owed, now, True):
+        w.drop(p, "buffer")
+        return
+    w.flow.pump(p, now)
+    if p.state == CLOSED:
+        return
     w.streams_opened += 1
-    w.schedule_heartbeat(p, True)
+    w.schedule_heartbeat(p)
     if w.cfg.max_lifetime > 0:
         life = w.cfg.max_lifetime * 1000
         w.set_deadline(p, now + int(life + random.uniform(0, life * 0.1)), w.T_LIFETIME)
     exp = getattr(principal, "exp", None)
     if exp is not None:
         w.set_deadline(p, now + max(0, int((exp - time.time()) * 1000)), w.T_EXPIRE)
+    if w.draining:
+        # Started after the drain began (its replay was in flight): close it within the
+        # drain window like the others.
+        w.set_deadline(p, now + int(random.uniform(0, w.cfg.drain_timeout * 500)), w.T_DRAIN)
 
 
 # -- publish ----------------------------------------------------------------------------
@@ -287,7 +295,7 @@ def _is_json(ctype: str | None) -> bool:
     return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
 
 
-def publish(w: Worker, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
+def publish(w: Context, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
     ip = _client_ip(w, p, req)
     if not w.admission.ip_filter.allowed(ip):
         raise Forbidden("client address denied", code="ip_denied")
@@ -314,16 +322,14 @@ def publish(w: Worker, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
         return
     # No readiness check here: the broker answers for the shards this request touches
     # (BrokerUnavailable -> 503 at once when one of them is down).
-    if p.timer is not None:
-        # The request is in: from here the wait is ours (a publish in flight when Redis
-        # dies waits for Redis, up to the broker's resolve timeout), not the client's.
-        w.wheel.cancel(p.timer)  # type: ignore[union-attr]
-        p.timer = None
+    # The request is in: from here the wait is ours (a publish in flight when Redis dies
+    # waits for Redis, up to the broker's resolve timeout), not the client's; the head timer
+    # sees the state (RESPOND) and does not answer 408 (worker._head_due).
     task = asyncio.get_running_loop().create_task(broker.publish(msgs))  # type: ignore[attr-defined]
     task.add_done_callback(lambda t: _publish_done(w, p, t, len(msgs), cors))
 
 
-def _publish_done(w: Worker, p: HTTPProtocol, task: asyncio.Task, n: int, cors: list) -> None:
+def _publish_done(w: Context, p: HTTPProtocol, task: asyncio.Task, n: int, cors: list) -> None:
     if p.state == CLOSED:
         return
     if task.cancelled():  # the worker is shutting down with the publish in flight
@@ -342,7 +348,7 @@ def _publish_done(w: Worker, p: HTTPProtocol, task: asyncio.Task, n: int, cors: 
         p.respond_internal("publish failed")
 
 
-def _published(w: Worker, p: HTTPProtocol, ids: list[str], n: int, cors: list) -> None:
+def _published(w: Context, p: HTTPProtocol, ids: list[str], n: int, cors: list) -> None:
     w.events_published += n
     w.publish_requests += 1
     p.respond(200, orjson.dumps({"ids": ids}), headers=cors)
@@ -362,7 +368,7 @@ class LocalAdmin:
     """What the admin routes report for one worker serving its own admin listener.  A
     supervisor provides the same four methods, aggregated over its workers."""
 
-    def __init__(self, w: Worker) -> None:
+    def __init__(self, w: Context) -> None:
         self.w = w
 
     def ready(self) -> tuple[bool, str]:
@@ -384,7 +390,7 @@ class LocalAdmin:
         return await w.broker.subscribers(topic, w.table.subscribers(topic))  # type: ignore[attr-defined, no-any-return]
 
 
-def _admin(w: Worker, p: HTTPProtocol, req: h11.Request, path: bytes) -> None:
+def _admin(w: Context, p: HTTPProtocol, req: h11.Request, path: bytes) -> None:
     if path not in _ADMIN_PATHS and not path.startswith(b"/admin/topics/"):
         raise NotFound(f"no such admin path: {path[:200].decode('latin-1')}")
     if req.method not in (b"GET", b"HEAD"):
@@ -440,7 +446,7 @@ def _later(p: HTTPProtocol, coro: object) -> None:
     task.add_done_callback(done)
 
 
-def snapshot(w: Worker) -> dict[str, object]:
+def snapshot(w: Context) -> dict[str, object]:
     """The worker's counters for /metrics, with the broker's folded in."""
     snap = w.snapshot()
     b = w.broker.stats()  # type: ignore[attr-defined]
@@ -450,7 +456,7 @@ def snapshot(w: Worker) -> dict[str, object]:
     return snap
 
 
-def stats(w: Worker) -> dict[str, object]:
+def stats(w: Context) -> dict[str, object]:
     snap = w.snapshot()
     for k in ("hist_writes", "hist_events", "hist_flush_ms", "hist_delay_ms"):
         snap.pop(k, None)

@@ -31,10 +31,24 @@ import logging
 import h11
 import orjson
 
+from ..core.conn import (
+    BODY,
+    CLOSE,
+    CLOSED,
+    END,
+    HEAD,
+    KEEP_ALIVE,
+    REQUEST,
+    REQUEST_DONE,
+    RESPOND,
+    STREAM,
+    STREAM_OPEN,
+    Conn,
+    advance,
+)
 from ..core.errors import ProtocolError
 from ..core.sse import LAST_CHUNK
 from ..core.sse import chunk as _chunk
-from ..core.table import BODY, CLOSED, HEAD, STREAM, WAIT, Conn
 
 log = logging.getLogger("ssegw.http")
 
@@ -88,7 +102,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         self.w.on_connect(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.state = CLOSED
+        advance(self, CLOSE)
         self.h11 = None
         self.req = None
         self.body = None
@@ -100,17 +114,14 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         return False
 
     def pause_writing(self) -> None:
-        self.paused = True
+        self.w.on_pause(self)
 
     def resume_writing(self) -> None:
-        if self.state == STREAM:
-            self.w.on_resume(self)
-        else:
-            self.paused = False
+        self.w.on_resume(self)
 
     def data_received(self, data: bytes) -> None:
         state = self.state
-        if state == STREAM or state == WAIT and self.h11 is None:
+        if state > RESPOND or state == RESPOND and self.h11 is None:
             self.inbound += len(data)
             if self.inbound > MAX_STREAM_INBOUND:
                 self.w.count_protocol_error()
@@ -153,7 +164,9 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             self.driving = False
 
     def _drive(self) -> None:
-        while self.state == HEAD or self.state == BODY:
+        # A head is not parsed while the transport is paused: the client is not reading
+        # our answers, so the next one would only pile up (see next_request).
+        while self.state == HEAD and not self.wpaused or self.state == BODY:
             conn = self.h11
             if conn is None:
                 return
@@ -191,7 +204,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         self.req = req
         self.body = []
         self.inbound = 0
-        self.state = BODY
+        advance(self, REQUEST)
         self.line = -1
         cfg = self.w.cfg
         # h11 bounds only *incomplete* heads (max_incomplete_event_size); a complete head
@@ -222,7 +235,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         req = self.req
         body = b"".join(self.body or ())
         self.body = None
-        self.state = WAIT
+        advance(self, REQUEST_DONE)
         # Nothing more is read until this request is answered: pipelined requests wait in
         # the kernel, not in our memory.
         self.transport.pause_reading()  # type: ignore[attr-defined]
@@ -268,13 +281,22 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         if close or conn.our_state is h11.MUST_CLOSE:
             self.close()
             return
-        # Keep-alive: start the next request cycle and parse whatever was pipelined.
+        # Keep-alive: start the next request cycle.
         conn.start_next_cycle()
         self.req = None
-        self.state = HEAD
+        advance(self, KEEP_ALIVE)
         self.line = 0
         self.inbound = 0
         self.w.arm_idle(self)
+        self.next_request()
+
+    def next_request(self) -> None:
+        """Read and serve the next request -- unless the client is not reading our answers:
+        while the transport is paused, pipelined requests wait in the kernel (not in our
+        memory, not as answers piling up in the transport); ``resume_writing`` calls this
+        again."""
+        if self.state != HEAD or self.wpaused:
+            return
         self.transport.resume_reading()  # type: ignore[attr-defined]
         # An answer given later (a broker round trip) must also serve requests that were
         # pipelined behind it and already sit in h11's buffer.
@@ -288,12 +310,13 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         """A bug of ours (already logged by the caller): 500 and close."""
         self.respond(500, error_body("internal", detail), close=True)
 
-    def respond_error(self, e: ProtocolError) -> None:
+    def respond_error(self, e: ProtocolError, close: bool = False) -> None:
         status = e.status_hint
         self.w.count_response(status)
         hdrs = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in e.headers]
         hdrs.extend(self.w.cors_headers(self))
-        self.respond(status, error_body(e.code, e.detail), headers=hdrs, close=status >= 500 and status != 503)
+        close = close or status >= 500 and status != 503
+        self.respond(status, error_body(e.code, e.detail), headers=hdrs, close=close)
 
     def _refuse(self, status: int, code: str, detail: str) -> None:
         """Answer a request we could not parse (or read) and close the connection."""
@@ -329,7 +352,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         self.req = None
         self.body = None
         self.inbound = 0
-        self.state = STREAM
+        advance(self, STREAM_OPEN)
         # Read again, only to notice the client closing (bytes are discarded, bounded).
         self.transport.resume_reading()  # type: ignore[attr-defined]
         self.transport.write(head + (_chunk(first) if self.chunked else first))  # type: ignore[attr-defined, operator]
@@ -340,8 +363,11 @@ class HTTPProtocol(Conn, asyncio.Protocol):
 
     def end_stream(self, last: bytes = b"") -> None:
         """Close a stream from our side: ``last`` (e.g. a retry hint), the last chunk, FIN."""
-        if self.state == CLOSED:
+        if self.state != STREAM:
+            if self.state != CLOSED:
+                self.abort()  # not started (or already ending): nothing to say
             return
+        advance(self, END)
         if self.chunked:
             self.transport.write(_chunk(last) + LAST_CHUNK)  # type: ignore[attr-defined]
         elif last:
@@ -350,13 +376,13 @@ class HTTPProtocol(Conn, asyncio.Protocol):
 
     def close(self) -> None:
         if self.state != CLOSED:
-            self.state = CLOSED
+            advance(self, CLOSE)
             self.w.on_closing(self)
         self.transport.close()  # type: ignore[attr-defined]
 
     def abort(self) -> None:
         if self.state != CLOSED:
-            self.state = CLOSED
+            advance(self, CLOSE)
             self.w.on_closing(self)
         self.transport.abort()  # type: ignore[attr-defined]
 

@@ -1,0 +1,421 @@
+"""What every part of a worker shares: its connections, their events, timers and counters.
+
+A :class:`Context` holds one worker's state -- config, broker, connection table, fan-out,
+flow control, timer wheel, admission and auth, counters -- and the handling of connection
+events that the protocol feeds it (connect, pause/resume, close), subscriptions, the
+stream-start pacing budget and per-stream timers.  It imports nothing above it: the
+request handlers (``handlers.py``) take a Context, and the event loop's driver
+(``worker.py``: listeners, flushes, the tick, drain) is a Context.  So the request
+handlers and the worker never import each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+
+from ..broker.base import Broker
+from ..config import Config
+from ..core.conn import CLOSED, HEAD, STREAM, set_wpaused
+from ..core.fanout import Fanout
+from ..core.table import Table
+from ..core.wheel import TimerWheel
+from ..metrics import FLUSH_EVENT_BUCKETS, FLUSH_MS_BUCKETS, FLUSH_WRITE_BUCKETS, Histogram
+from ..policy.auth import Authenticator
+from ..policy.limits import Admission, ConnCounter, IPFilter, TokenBuckets
+from .flow import Flow
+from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol, error_body
+
+log = logging.getLogger("ssegw.worker")
+
+#: Resolution of the timer wheel.  Heartbeats and timeouts are seconds-scale; 50 ms keeps
+#: the idle wake-up rate at 20/s while nothing fires more than 50 ms late.
+TICK_MS = 50
+#: How long an idle keep-alive connection (publisher, scraper) is kept (nginx's default).
+KEEPALIVE_IDLE_MS = 75_000
+#: Streams closed because the broker lost events are closed over this window (ms), so their
+#: clients do not all reconnect in the same instant.
+GAP_CLOSE_SPREAD_MS = 2_000
+#: Stream-start pacing, as a budget of loop time: stream starts (subscribe + replay + first
+#: write, measured) may use at most this share of the loop, in bursts of at most
+#: START_BURST_S.  During a reconnect storm the other half stays with the streams already
+#: open (flushes, heartbeats); a start that finds the budget spent waits in a FIFO.
+START_SHARE, START_BURST_S = 0.5, 0.020
+#: Bounds on the stall / dead-peer timeout (2 x heartbeat_interval, clamped).
+STALL_MIN_MS, STALL_MAX_MS = 5_000, 120_000
+#: Per-connection user-space write buffer (the transport's high-water mark): past it the
+#: transport pauses and further output is held as references in the backlog.
+WRITE_HIGH = 64 * 1024
+# Close-deadline kinds (wheel timer kinds beyond the protocol's).
+T_LIFETIME, T_EXPIRE, T_DRAIN = 4, 5, 6
+
+
+class Context:
+    T_LIFETIME, T_EXPIRE, T_DRAIN = T_LIFETIME, T_EXPIRE, T_DRAIN
+
+    def __init__(self, cfg: Config, broker: Broker) -> None:
+        self.cfg = cfg
+        self.broker = broker
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.table = Table(conflate_for=lambda t: cfg.topic_settings(t)[0] == "conflate")
+        self.grace_ms = int(cfg.slow_grace * 1000)
+        self.fanout = Fanout(self.table, cfg.max_buffer, self.grace_ms)
+        self.wheel: TimerWheel | None = None
+        a = cfg.auth
+        self.auth = Authenticator(
+            algorithm=a.jwt_algorithm, secret=a.jwt_secret, public_key=a.jwt_public_key,
+            audience=a.audience, issuer=a.issuer, leeway=a.leeway, cookie=a.cookie,
+            publish_keys=a.publish_keys,
+        )
+        # Subscribers need a token only when a JWT key is configured; publish_keys alone
+        # protect publishing and leave subscribing open.
+        self.subscribe_auth = bool(a.jwt_secret or a.jwt_public_key)
+        self.admission = Admission(
+            ip_filter=IPFilter(cfg.ip_allow, cfg.ip_deny),
+            per_ip=ConnCounter(cfg.max_conns_per_ip),
+            rate=TokenBuckets(cfg.conn_rate, cfg.conn_burst) if cfg.conn_rate > 0 else None,
+            max_connections=cfg.max_connections,
+        )
+        self.draining = False
+        self.drain_started = 0.0
+        self.started_at = time.time()
+        # What the admin routes report: this worker, or (in a supervisor) all workers.
+        self.admin_source: object = None
+        # Timing in ms.
+        self.retry_ms = int(cfg.retry * 1000)
+        self.hb_ms = int(cfg.heartbeat_interval * 1000)
+        self.head_ms = int(cfg.head_timeout * 1000)
+        self.idle_ms = max(KEEPALIVE_IDLE_MS, self.head_ms)
+        # A peer is presumed dead when what we sent stays unacknowledged this long, and a
+        # paused "drop" stream is closed when the client took nothing for this long.
+        self.stall_ms = min(max(2 * self.hb_ms, STALL_MIN_MS), STALL_MAX_MS)
+        self.write_high = min(WRITE_HIGH, max(4096, cfg.max_buffer // 2))
+        self.flow = Flow(self.fanout, self.drop, self.stall_ms)
+        self.tick_count = 0
+        self.timer_fires = 0
+        self.refused_capacity = 0
+        # Counters (plain ints; read by metrics at scrape time).
+        self.connections_open = 0
+        self.connections_accepted = 0
+        self.streams_opened = 0
+        self.events_published = 0
+        self.events_replayed = 0
+        self.heartbeats = 0
+        self.resets = 0
+        self.publish_requests = 0
+        self.head_timeouts = 0
+        self.protocol_errors = 0
+        self.closed_lifetime = 0
+        self.closed_expired = 0
+        self.responses: dict[str, int] = {}  # by status code as text (JSON keys)
+        self.slow_closed: dict[str, int] = {}
+        self.presence_dirty: set[str] = set()  # topics whose local subscriber count changed
+        # Stream-start pacing (token bucket) and the streams waiting for a token.
+        self.start_tokens = START_BURST_S  # seconds of loop time stream starts may still use
+        self.start_refill = 0.0
+        self.parked: deque[tuple] = deque()
+        self.unpark_handle: asyncio.Handle | None = None
+        self.paced = 0
+        self.hist_writes = Histogram(FLUSH_WRITE_BUCKETS)
+        self.hist_events = Histogram(FLUSH_EVENT_BUCKETS)
+        self.hist_flush = Histogram(FLUSH_MS_BUCKETS)
+        self.hist_delay = Histogram(FLUSH_MS_BUCKETS)
+
+    def now_ms(self) -> int:
+        assert self.loop is not None
+        return int(self.loop.time() * 1000)
+
+    # -- connection events (called by the protocol) -------------------------------------
+
+    def on_connect(self, p: HTTPProtocol) -> None:
+        self.table.add(p)
+        now = self.now_ms()
+        p.transport.set_write_buffer_limits(high=self.write_high)  # type: ignore[attr-defined]
+        if p.admin:
+            p.due_ms = now + self.head_ms
+            p.timer = self.wheel.schedule(p.due_ms, T_HEAD, p)  # type: ignore[union-attr]
+            return
+        self.connections_open += 1
+        self.connections_accepted += 1
+        limit = self.admission.max_connections
+        if limit > 0 and self.connections_open > limit:
+            # Every open connection counts (idle, mid-request, keep-alive, parked, streaming):
+            # one over the limit is answered at once and closed, never kept.
+            self.refused_capacity += 1
+            self.count_response(503)
+            body = error_body("unavailable", "at capacity")
+            p.transport.write(  # type: ignore[attr-defined]
+                b"HTTP/1.1 503 Service Unavailable\r\nserver: ssegw\r\ncontent-type: application/json\r\n"
+                b"retry-after: %d\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                % (self.admission.retry_after, len(body), body))
+            p.close()
+            return
+        p.due_ms = now + self.head_ms
+        p.timer = self.wheel.schedule(p.due_ms, T_HEAD, p)  # type: ignore[union-attr]
+        self.flow.socket_options(p, self.hb_ms)
+
+    def on_closing(self, p: HTTPProtocol) -> None:
+        self._detach(p)
+
+    def on_close(self, p: HTTPProtocol) -> None:
+        self._detach(p)
+        if p.slot >= 0:
+            self.table.remove(p)
+            if not p.admin:
+                self.connections_open -= 1
+        if self.draining:
+            self._check_drained()
+
+    def on_pause(self, p: HTTPProtocol) -> None:
+        set_wpaused(p, True, self.now_ms())
+        if p.state == STREAM and self.fanout.conflate_only(p):
+            self.flow.user_timeout(p, False)
+
+    def on_resume(self, p: HTTPProtocol) -> None:
+        now = self.now_ms()
+        set_wpaused(p, False, now)
+        state = p.state
+        if state == STREAM:
+            conflate = self.fanout.conflate_only(p)
+            if conflate:
+                self.flow.user_timeout(p, True)
+            self.flow.pump(p, now)
+            if p.backlog is None and not p.wpaused:
+                self.rearm_liveness(p, now)
+        elif state == HEAD:
+            p.next_request()
+
+    def subscribe(self, p: HTTPProtocol, topics: tuple[str, ...]) -> None:
+        for t in self.table.subscribe(p, topics):
+            self.broker.interest(t, True)
+        self.presence_dirty.update(p.topics)
+
+    def unsubscribe(self, p: HTTPProtocol) -> None:
+        topics = p.topics
+        for t in self.table.unsubscribe(p):
+            self.broker.interest(t, False)
+        self.presence_dirty.update(topics)
+
+    def abandon_stream(self, p: HTTPProtocol) -> None:
+        """A stream that could not start (its replay failed): undo its subscription and
+        everything held for it, so that nothing of a stream is ever written into the HTTP
+        answer that follows."""
+        self._release(p)
+        p.backlog = None
+        p.floor = None
+        p.over_ms = 0
+
+    def on_gap(self, topics: list[str] | None) -> None:
+        """The broker lost events it cannot fill (history too short, or Redis lost its data):
+        close the affected streams, spread over a couple of seconds, so that their clients
+        resume from their last id and get ``ssegw.reset`` instead of a silent gap."""
+        now = self.now_ms()
+        wanted = None if topics is None else set(topics)
+        for p in self.table.records:
+            if p is None or p.state != STREAM:
+                continue
+            if wanted is None or any(t in wanted for t in p.topics):
+                self.set_deadline(p, now + int(random.uniform(0, GAP_CLOSE_SPREAD_MS)), T_DRAIN)  # type: ignore[arg-type]
+
+    def _release(self, p: HTTPProtocol) -> None:
+        if p.topics:
+            self.unsubscribe(p)
+        if p.held_ip:
+            p.held_ip = False
+            self.admission.per_ip.release(p.ip)
+
+    def _detach(self, p: HTTPProtocol) -> None:
+        self._release(p)
+        wheel = self.wheel
+        if wheel is not None:
+            if p.timer is not None:
+                wheel.cancel(p.timer)  # type: ignore[arg-type]
+                p.timer = None
+            if p.deadline is not None:
+                wheel.cancel(p.deadline)  # type: ignore[arg-type]
+                p.deadline = None
+        p.backlog = None
+
+    def drop(self, p: HTTPProtocol, reason: str) -> None:
+        """Slow-consumer verdict: close at once, discarding its backlog (the client resumes
+        from history when it reconnects)."""
+        if p.state == CLOSED:
+            return
+        self.slow_closed[reason] = self.slow_closed.get(reason, 0) + 1
+        p.abort()
+
+    def arm_idle(self, p: HTTPProtocol) -> None:
+        """Keep-alive: the connection may idle for ``idle_ms``.  Lazy: the deadline moves on
+        the record, and the one wheel entry re-arms itself when it fires early -- not a
+        cancel and a schedule per response."""
+        p.due_ms = self.now_ms() + self.idle_ms
+        if p.timer is None:
+            p.timer = self.wheel.schedule(p.due_ms, T_HEAD, p)  # type: ignore[union-attr]
+
+    def count_protocol_error(self) -> None:
+        self.protocol_errors += 1
+
+    def count_response(self, status: int) -> None:
+        key = str(status)
+        self.responses[key] = self.responses.get(key, 0) + 1
+
+    def stream_gate(self) -> bool:
+        """May a stream start now?  False: the caller parks it (FIFO behind others)."""
+        if self.parked:
+            self.paced += 1
+            return False
+        self._refill()
+        if self.start_tokens > 0.0:
+            return True
+        self.paced += 1
+        self._schedule_unpark()
+        return False
+
+    def start_stream(self, p: HTTPProtocol, args: tuple) -> None:
+        """Start a stream and charge its measured cost to the pacing budget."""
+        t0 = time.perf_counter()
+        try:
+            self.begin_stream(p, args)
+        finally:
+            self.start_tokens -= time.perf_counter() - t0
+
+    def _refill(self) -> None:
+        assert self.loop is not None
+        now = self.loop.time()
+        self.start_tokens = min(START_BURST_S, self.start_tokens + (now - self.start_refill) * START_SHARE)
+        self.start_refill = now
+
+    def _schedule_unpark(self) -> None:
+        if self.unpark_handle is None:
+            assert self.loop is not None
+            self.unpark_handle = self.loop.call_later(0.01, self._unpark)
+
+    def _unpark(self) -> None:
+        self.unpark_handle = None
+        self._refill()
+        parked = self.parked
+        while parked and self.start_tokens > 0.0:
+            p, args = parked.popleft()
+            if p.state == CLOSED:
+                continue
+            try:
+                self.start_stream(p, args)
+            except Exception:  # a bug of ours: drop this one, keep starting the others
+                log.exception("starting a paced stream failed")
+                p.abort()
+        if parked:
+            self._schedule_unpark()
+
+    def jittered_retry(self) -> int:
+        """The ``retry:`` hint for a stream we close: 0.5x..1.5x ``retry`` so that the
+        clients of a drained worker do not all come back in the same millisecond."""
+        return int(self.retry_ms * random.uniform(0.5, 1.5))
+
+    def schedule_heartbeat(self, p: HTTPProtocol) -> None:
+        """Arm a new stream's liveness timer; its first heartbeat is spread over half an
+        interval so that streams opened together do not beat together."""
+        assert self.wheel is not None
+        p.timer = self.wheel.schedule(self.now_ms() + int(self.hb_ms * random.uniform(0.5, 1.0)), T_HEARTBEAT, p)
+
+    def rearm_liveness(self, p: HTTPProtocol, now: int) -> None:
+        """A held stream caught up: its liveness timer may be set far out (a stall check);
+        bring it back to the heartbeat.  Once per catch-up, not per write."""
+        t = p.timer
+        due = p.last_write_ms + self.hb_ms
+        if t is not None and t.deadline_ms <= due:  # type: ignore[attr-defined]
+            return
+        wheel = self.wheel
+        assert wheel is not None
+        if t is not None:
+            wheel.cancel(t)  # type: ignore[arg-type]
+        p.timer = wheel.schedule(max(due, now + TICK_MS), T_HEARTBEAT, p)
+
+    def set_deadline(self, p: HTTPProtocol, due_ms: int, kind: int) -> None:
+        """Make ``due_ms`` the stream's close deadline if it is earlier than the current one."""
+        wheel = self.wheel
+        assert wheel is not None
+        cur = p.deadline
+        if cur is not None:
+            if cur.active and cur.deadline_ms <= due_ms:  # type: ignore[attr-defined]
+                return
+            wheel.cancel(cur)  # type: ignore[arg-type]
+        p.deadline = wheel.schedule(due_ms, kind, p)
+
+    def _buffered(self) -> dict[str, int]:
+        """Output waiting in user space: transport buffers plus backlogs (O(connections),
+        at scrape time only)."""
+        total = peak = owed = 0
+        for p in self.table.records:
+            if p is None or p.state == CLOSED:
+                continue
+            try:
+                n = p.transport.get_write_buffer_size()  # type: ignore[attr-defined]
+            except (AttributeError, RuntimeError):
+                n = 0
+            b = p.backlog
+            if b is not None:
+                n += b.nbytes
+                owed += 1
+            total += n
+            if n > peak:
+                peak = n
+        return {"output_buffered": total, "output_buffered_max": peak, "streams_behind": owed}
+
+    def snapshot(self) -> dict[str, object]:
+        st = self.fanout.stats
+        return {
+            "workers": 1,
+            "connections_open": self.connections_open,
+            "streams_open": self.table.streams,
+            "slots_in_use": len(self.table),
+            "topics_active": len(self.table.topics),
+            "connections_accepted": self.connections_accepted,
+            "streams_opened": self.streams_opened,
+            "events_published": self.events_published,
+            "events_delivered": st.events_delivered,
+            "events_replayed": self.events_replayed,
+            "bytes_written": st.bytes_written,
+            "flushes": st.flushes,
+            "writes": st.writes,
+            "held": st.held,
+            "conflated": st.conflated,
+            "heartbeats": self.heartbeats,
+            "resets": self.resets,
+            "publish_requests": self.publish_requests,
+            "head_timeouts": self.head_timeouts,
+            "paced": self.paced,
+            "protocol_errors": self.protocol_errors,
+            "closed_lifetime": self.closed_lifetime,
+            "closed_expired": self.closed_expired,
+            "timer_fires": self.timer_fires,
+            "wheel_stored": self.wheel.stored if self.wheel is not None else 0,
+            "refused_capacity": self.refused_capacity,
+            "write_errors": st.write_errors,
+            **self._buffered(),
+            "responses": dict(self.responses),
+            "slow_closed": dict(self.slow_closed),
+            "hist_writes": self.hist_writes.snapshot(),
+            "hist_events": self.hist_events.snapshot(),
+            "hist_flush_ms": self.hist_flush.snapshot(),
+            "hist_delay_ms": self.hist_delay.snapshot(),
+        }
+
+    # -- what the worker provides ------------------------------------------------------
+
+    def begin_stream(self, p: HTTPProtocol, args: tuple) -> None:
+        """Subscribe, replay and start an admitted stream (the request handlers')."""
+        raise NotImplementedError
+
+    def handle(self, p: HTTPProtocol, req: object, body: bytes) -> None:
+        """Serve a complete request (the request handlers')."""
+        raise NotImplementedError
+
+    def cors_headers(self, p: HTTPProtocol) -> list[tuple[bytes, bytes]]:
+        raise NotImplementedError
+
+    def _check_drained(self) -> None:
+        """Stop once a drain has nothing left to wait for (the worker's)."""
+
