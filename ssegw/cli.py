@@ -16,6 +16,7 @@ import sys
 import time
 
 from . import __version__
+from .broker.base import Broker
 from .config import Config, ConfigError, add_arguments, load, load_file, render
 
 log = logging.getLogger("ssegw")
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_broker(cfg: Config) -> object:
+def make_broker(cfg: Config) -> Broker:
     def settings(topic: str) -> tuple[int, int]:
         _, size, ttl = cfg.topic_settings(topic)
         return size, int(ttl * 1000)
@@ -105,7 +106,7 @@ def _run_worker(cfg: Config, sock: socket.socket | None, control: str | None) ->
         pub, adm = worker.bound_ports()
         if control is None:
             log.info("ssegw %s serving on http://%s:%d (admin http://%s:%d), broker %s%s", __version__,
-                     cfg.host, pub, cfg.admin_host, adm, broker.kind,  # type: ignore[attr-defined]
+                     cfg.host, pub, cfg.admin_host, adm, broker.kind,
                      ", demo on /" if cfg.demo else "")
         else:
             log.info("worker %d serving on port %d, broker %s", os.getpid(), pub, broker.kind)  # type: ignore[attr-defined]

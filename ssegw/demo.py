@@ -81,11 +81,8 @@ class Ticker:
         msg = {"topic": topic, "event": "tick", "key": sym,
                "data": {"topic": topic, "symbol": sym, "price": round(new, 2),
                         "change": round(new - old, 4), "ts": time.time()}}
-        publish = getattr(w.broker, "publish_now", None)
         msgs = parse_publish(msg, 1, orjson.dumps)
-        if publish is not None:
-            publish(msgs)
-        else:
+        if w.broker.publish_now(msgs) is None:
             w.loop.create_task(self._publish_async(msgs))
         w.loop.call_later(1.0 / RATE, self._tick)
 

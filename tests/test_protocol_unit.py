@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sse_parser import parse
 
-from ssegw.core.errors import BadRequest, Unavailable
 from ssegw.core.conn import ACCEPT_STREAM, BODY, CLOSED, HEAD, HOLD, RESPOND, STARTING, STREAM, advance, set_wpaused
+from ssegw.core.errors import BadRequest, Unavailable
 from ssegw.server.protocol import MAX_REQUEST_LINE, MAX_STREAM_INBOUND, HTTPProtocol
 
 MAX_HEAD = 4096

@@ -56,6 +56,13 @@ class Broker(Protocol):
     def ready(self) -> bool:
         """True when a publish would be accepted."""
 
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for :meth:`ready`; returns it."""
+
+    def publish_now(self, messages: list[Message]) -> list[str] | None:
+        """Publish without waiting, if this broker can (the embedded one): the ids, as
+        :meth:`publish` returns them.  None: it cannot, and the caller awaits :meth:`publish`."""
+
     async def publish(self, messages: list[Message]) -> list[str]:
         """Publish all messages or none.  Returns their ids in order.
 
@@ -70,11 +77,19 @@ class Broker(Protocol):
         """Events of ``topics`` after the parsed id ``after`` (epoch, seqs); or, without an
         id, the latest (``since="last"``) or all retained (``"earliest"``) events; or none."""
 
+    def replay_now(
+        self, topics: tuple[str, ...], after: tuple[str, tuple[int, ...]] | None, since: str | None
+    ) -> Replay | None:
+        """:meth:`replay` without waiting, if this broker can; None: await :meth:`replay`."""
+
     def interest(self, topic: str, on: bool) -> None:
         """This worker gained its first / lost its last subscriber of ``topic``."""
 
     async def subscribers(self, topic: str, local: int) -> int:
         """Subscribers of ``topic`` across the cluster (``local`` = this worker's count)."""
+
+    def presence(self, counts: dict[str, int]) -> None:
+        """This worker's subscriber count of each topic that changed (cluster presence)."""
 
     def tick(self, now_ms: int) -> None:
         """Periodic housekeeping (history trimming, presence refresh)."""

@@ -53,6 +53,9 @@ class MemoryBroker:
     def ready(self) -> bool:
         return True
 
+    async def wait_ready(self, timeout: float) -> bool:
+        return True
+
     def publish_now(self, messages: list[Message]) -> list[str]:
         """Synchronous publish (the embedded broker never waits)."""
         now = self._clock_ms()
@@ -113,6 +116,9 @@ class MemoryBroker:
 
     async def subscribers(self, topic: str, local: int) -> int:
         return local
+
+    def presence(self, counts: dict[str, int]) -> None:
+        """One process: its own counts are the whole picture."""
 
     def tick(self, now_ms: int) -> None:
         self.history.sweep(self._clock_ms())

@@ -327,6 +327,13 @@ class RedisBroker(Listener):
 
     # -- replay -----------------------------------------------------------------------
 
+    def publish_now(self, messages: list[Message]) -> list[str] | None:
+        return None  # every publish is a round trip to Redis
+
+    def replay_now(self, topics: tuple[str, ...], after: tuple[str, tuple[int, ...]] | None,
+                   since: str | None) -> Replay | None:
+        return None  # every replay is a round trip to Redis
+
     async def replay(self, topics: tuple[str, ...], after: tuple[str, tuple[int, ...]] | None,
                      since: str | None) -> Replay:
         n = len(self.shards)

@@ -85,17 +85,19 @@ class LocalProtocolError(ProtocolError):
 class Backlog:
     """Output owed to one client: events in delivery order, as references to shared frames.
 
-    ``conflate`` entries are keyed by (topic, key): a newer event for the same key makes the
-    older one stale, and stale entries are skipped when taken (and compacted away once they
-    outnumber live ones, so a stalled ticker client's queue stays as long as its key set).
-    ``nbytes`` counts live entries only.
+    Events pushed with ``conflate`` are tracked by (topic, key): a newer one for the same key
+    makes the older one stale, and stale entries are skipped when taken (and compacted away
+    once they outnumber live ones, so a stalled ticker client's queue stays about as long as
+    its key set).  Events pushed without it (a replay, a ``drop`` topic) are never skipped.
+    ``nbytes`` and ``live`` count live entries only.
     """
 
-    __slots__ = ("q", "latest", "nbytes", "live")
+    __slots__ = ("q", "latest", "stale", "nbytes", "live")
 
     def __init__(self) -> None:
         self.q: deque[Event] = deque()
         self.latest: dict[tuple[str, str | None], Event] | None = None  # conflated keys
+        self.stale: set[int] | None = None  # id() of replaced entries still in ``q``
         self.nbytes = 0
         self.live = 0
 
@@ -103,8 +105,8 @@ class Backlog:
         return self.live
 
     def push(self, ev: Event, conflate: bool) -> bool:
-        """Append ``ev``; with ``conflate``, it replaces a held event of the same key.
-        Returns True when an older event was replaced."""
+        """Append ``ev``; with ``conflate``, it replaces a held conflated event of the same
+        key.  Returns True when an older event was replaced."""
         replaced = False
         if conflate:
             latest = self.latest
@@ -114,6 +116,10 @@ class Backlog:
             old = latest.get(k)
             latest[k] = ev
             if old is not None:
+                stale = self.stale
+                if stale is None:
+                    stale = self.stale = set()
+                stale.add(id(old))  # ``old`` stays alive in ``q`` until skipped
                 self.nbytes -= len(old.frame)
                 self.live -= 1
                 replaced = True
@@ -125,18 +131,18 @@ class Backlog:
         return replaced
 
     def take(self, limit: int) -> list[Event]:
-        """Pop events from the front, at least one and about ``limit`` bytes at most."""
-        q, latest = self.q, self.latest
+        """Pop live events from the front, at least one and about ``limit`` bytes at most."""
+        q, latest, stale = self.q, self.latest, self.stale
         out: list[Event] = []
         size = 0
         while q and (not out or size < limit):
             ev = q.popleft()
+            if stale and id(ev) in stale:
+                stale.discard(id(ev))
+                continue  # replaced by a newer event of the same key
             if latest is not None:
                 k = (ev.topic, ev.key)
-                cur = latest.get(k)
-                if cur is not None:
-                    if cur is not ev:
-                        continue  # replaced by a newer event of the same key
+                if latest.get(k) is ev:
                     del latest[k]
             out.append(ev)
             size += len(ev.frame)
@@ -145,9 +151,10 @@ class Backlog:
         return out
 
     def _compact(self) -> None:
-        latest = self.latest
-        assert latest is not None
-        self.q = deque(e for e in self.q if latest.get((e.topic, e.key), e) is e)
+        stale = self.stale
+        assert stale is not None
+        self.q = deque(e for e in self.q if id(e) not in stale)
+        stale.clear()
 
 
 class Conn:

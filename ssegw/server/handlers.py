@@ -218,11 +218,11 @@ def begin_stream(w: Context, p: HTTPProtocol, topics: tuple[str, ...], after: tu
     w.subscribe(p, topics)
     cors = cors_headers(w, p)
     broker = w.broker
-    replay_now = getattr(broker, "replay_now", None)
-    if replay_now is not None:
-        _start(w, p, replay_now(topics, after, since), principal, cors)
+    done = broker.replay_now(topics, after, since)
+    if done is not None:
+        _start(w, p, done, principal, cors)
         return
-    task = asyncio.get_running_loop().create_task(broker.replay(topics, after, since))  # type: ignore[attr-defined]
+    task = asyncio.get_running_loop().create_task(broker.replay(topics, after, since))
     task.add_done_callback(lambda t: _replayed(w, p, t, principal, cors))
 
 
@@ -315,9 +315,8 @@ def publish(w: Context, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
     w.auth.authorize_publish(authz, sorted({m.topic for m in msgs}), time.time(), loopback)
     broker = w.broker
     cors = cors_headers(w, p)
-    now_pub = getattr(broker, "publish_now", None)
-    if now_pub is not None:
-        ids = now_pub(msgs)
+    ids = broker.publish_now(msgs)
+    if ids is not None:
         _published(w, p, ids, len(msgs), cors)
         return
     # No readiness check here: the broker answers for the shards this request touches
@@ -325,7 +324,7 @@ def publish(w: Context, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
     # The request is in: from here the wait is ours (a publish in flight when Redis dies
     # waits for Redis, up to the broker's resolve timeout), not the client's; the head timer
     # sees the state (RESPOND) and does not answer 408 (worker._head_due).
-    task = asyncio.get_running_loop().create_task(broker.publish(msgs))  # type: ignore[attr-defined]
+    task = asyncio.get_running_loop().create_task(broker.publish(msgs))
     task.add_done_callback(lambda t: _publish_done(w, p, t, len(msgs), cors))
 
 
@@ -375,7 +374,7 @@ class LocalAdmin:
         w = self.w
         if w.draining:
             return False, "draining"
-        if not w.broker.ready():  # type: ignore[attr-defined]
+        if not w.broker.ready():
             return False, "broker unavailable"
         return True, "ready"
 
@@ -387,7 +386,7 @@ class LocalAdmin:
 
     async def subscribers(self, topic: str) -> int:
         w = self.w
-        return await w.broker.subscribers(topic, w.table.subscribers(topic))  # type: ignore[attr-defined, no-any-return]
+        return await w.broker.subscribers(topic, w.table.subscribers(topic))
 
 
 def _admin(w: Context, p: HTTPProtocol, req: h11.Request, path: bytes) -> None:
@@ -449,8 +448,8 @@ def _later(p: HTTPProtocol, coro: object) -> None:
 def snapshot(w: Context) -> dict[str, object]:
     """The worker's counters for /metrics, with the broker's folded in."""
     snap = w.snapshot()
-    b = w.broker.stats()  # type: ignore[attr-defined]
-    snap["broker_up"] = 1 if w.broker.ready() else 0  # type: ignore[attr-defined]
+    b = w.broker.stats()
+    snap["broker_up"] = 1 if w.broker.ready() else 0
     for k in ("reconnects", "publish_errors", "publish_retries", "gap_fills", "gap_events", "gap_lost"):
         snap["broker_" + k] = b.get(k, 0)
     return snap
@@ -463,7 +462,7 @@ def stats(w: Context) -> dict[str, object]:
     snap["pid"] = os.getpid()
     snap["uptime_s"] = round(time.time() - w.started_at, 3)
     snap["draining"] = w.draining
-    snap["broker"] = w.broker.stats()  # type: ignore[attr-defined]
+    snap["broker"] = w.broker.stats()
     return snap
 
 

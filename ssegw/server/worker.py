@@ -110,14 +110,13 @@ class Worker(Context):
         gc.set_threshold(*GC_THRESHOLDS)
         self.next_full_gc = loop.time() + FULL_GC_S
         self.stopping = loop.create_future()
-        await self.broker.start(self.on_events, self.on_gap)  # type: ignore[attr-defined]
-        wait_ready = getattr(self.broker, "wait_ready", None)
-        if wait_ready is not None and public_socks != []:
+        await self.broker.start(self.on_events, self.on_gap)
+        if public_socks != []:
             # Accept only once the broker is reachable (bounded): a worker replacing a
             # crashed one, or a new generation on reload, would otherwise answer the
             # connections queued in its slot socket with 503.  If the broker stays down we
             # serve anyway (streams get 503 until it is back; /readyz tells).
-            if not await wait_ready(BROKER_START_WAIT):
+            if not await self.broker.wait_ready(BROKER_START_WAIT):
                 log.warning("broker not reachable after %.0fs; serving anyway", BROKER_START_WAIT)
         if public_socks is None:
             public_socks = [bind_socket(cfg.host, cfg.port)]
@@ -159,7 +158,7 @@ class Worker(Context):
         try:
             # Bounded: a broker that cannot say goodbye (Redis gone silent) must not keep a
             # drained worker alive until the supervisor kills it.
-            await asyncio.wait_for(self.broker.close(), BROKER_CLOSE_TIMEOUT)  # type: ignore[attr-defined]
+            await asyncio.wait_for(self.broker.close(), BROKER_CLOSE_TIMEOUT)
         except TimeoutError:
             log.warning("broker did not close within %.0fs; exiting anyway", BROKER_CLOSE_TIMEOUT)
 
@@ -311,12 +310,10 @@ class Worker(Context):
             if self.parent_pid and os.getppid() != self.parent_pid and not self.draining:
                 log.error("supervisor %d is gone: draining", self.parent_pid)
                 self.drain()
-            self.broker.tick(now)  # type: ignore[attr-defined]
+            self.broker.tick(now)
             if self.presence_dirty:
                 dirty, self.presence_dirty = self.presence_dirty, set()
-                presence = getattr(self.broker, "presence", None)
-                if presence is not None:
-                    presence({t: self.table.subscribers(t) for t in dirty})
+                self.broker.presence({t: self.table.subscribers(t) for t in dirty})
             rate = self.admission.rate
             if rate is not None:
                 rate.prune(now)
