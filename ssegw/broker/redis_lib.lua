@@ -11,8 +11,8 @@ hash tag keeps a shard's keys, and its sharded channels, in one slot):
   {ssegw:S}:seq        INCR counter: the shard's sequence, shared by all its topics
   {ssegw:S}:epoch      this incarnation of the sequence (created once; a Redis that lost
                        its data gets a new one, and old ids become unplaceable -> reset)
-  {ssegw:S}:clock      ZSET member=seq score=ms, one sample per second: "the sequence at
-                       time T", used to trim by age and to place ids for expired topics
+  {ssegw:S}:clock      ZSET member=seq score=ms, at most one sample per second (see "The
+                       clock" below): used to trim by age and to place ids for expired topics
   {ssegw:S}:h:TOPIC    STREAM of the topic's history; entry id = SEQ-0,
                        fields b=body (event/data lines), t=ms, k=key (optional)
   {ssegw:S}:req:TOKEN  the ids a publish request got (2 min), so that a retry of a
@@ -21,9 +21,29 @@ Channel (sharded pub/sub, SSUBSCRIBE): {ssegw:S}:c:TOPIC, payload "SEQ:MS:KLEN:"
 
 Coverage ("is every event of TOPIC after seq X still here?"): a stream's
 max-deleted-entry-id is the highest trimmed seq; entries older than the topic's ttl count as
-trimmed; a stream created anew gets MAXDELETEDID = the clock's seq at (now - ttl), since
-anything an expired incarnation held was older than that.
+trimmed; a stream created anew gets MAXDELETEDID = the highest seq published at or before
+(now - ttl), since anything an expired incarnation held was older than that (it expires ttl
++ 60 s after its last publish); a resume of a topic whose stream is gone is covered only if
+its id is at or past that same seq.
+
+The clock.  A sample (ms, seq) is written by the publish call running at `ms`, with `seq` its
+last sequence, when the newest sample is a second old or more; the calls in between leave no
+sample.  So a sample says two things, for ever after:
+  - every seq up to `seq` was published at or before `ms`      -> seq_before: a lower bound
+  - every seq published before `ms` is below `seq`              -> seq_by: an upper bound
+Trimming by age wants the lower bound (never trim an event younger than ttl; trimming late is
+harmless, replay checks each entry's age).  Coverage wants the upper bound: the highest seq
+published at or before T is below the first sample *after* T, or at most the head if there
+is none.  Coverage once used the lower bound, and a resume from an id in the second after a
+sample, or from before the oldest sample retention kept, counted as covered: a silent gap.
+The upper bound is conservative: a resume from an id published less than about a second
+before the horizon may get a reset it did not need.  Both hold only while Redis's clock
+(TIME) does not go back; a publish that finds samples in its future removes them (see
+publish), so later samples never contradict earlier ones.
 ]]
+
+-- Clock samples are at least this far apart (ms): see "The clock" above.
+local CLOCK_STEP = 1000
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -42,11 +62,23 @@ local function b36(n)
   return s
 end
 
--- The shard's sequence number at time `at` (0 if the clock has no sample that old).
-local function seq_at(clock, at)
+-- A seq such that every seq up to it was published at or before `at` (0 if the clock has no
+-- sample that old): the newest sample at or before `at`.  For trimming by age.
+local function seq_before(clock, at)
   local r = redis.call('ZREVRANGEBYSCORE', clock, at, '-inf', 'LIMIT', 0, 1)
   if r[1] then return tonumber(r[1]) end
   return 0
+end
+
+-- A seq at or above every seq published at or before `at`: one below the oldest sample after
+-- `at` (that sample's call came later, and its seqs are higher), or `head` (the highest seq
+-- published so far) if there is none.  For coverage.  Trimming the clock by retention cannot
+-- make it low, only coarse.  Capped at `head`, which is always an upper bound (and keeps a
+-- new stream's MAXDELETEDID below its first id, as XSETID requires).
+local function seq_by(clock, at, head)
+  local r = redis.call('ZRANGEBYSCORE', clock, '(' .. at, '+inf', 'LIMIT', 0, 1)
+  if r[1] then return math.min(tonumber(r[1]) - 1, head) end
+  return head
 end
 
 local function epoch_of(key, now)
@@ -118,11 +150,18 @@ local function publish(keys, args)
     else
       redis.call('XADD', skey, id, 'b', body, 't', now)
     end
-    local old = 0
-    if ttl > 0 then old = seq_at(clock, now - ttl) end
+    local old, gone = 0, 0
+    if ttl > 0 then
+      old = seq_before(clock, now - ttl)
+      -- Anything an expired earlier incarnation of this stream held is older than ttl, so
+      -- it is at most seq_by(now - ttl).  (A ttl 0 stream does not expire: no earlier one.)
+      -- The head to cap it with is the one before this call, seq - i (one INCR per message,
+      -- nothing in between): this call's messages are not older than ttl, and a subscriber
+      -- that has seen everything before them must find the new stream covered.
+      if fresh then gone = seq_by(clock, now - ttl, seq - i) end
+    end
     if fresh then
-      -- Anything an expired earlier incarnation of this stream held is older than ttl.
-      redis.call('XSETID', skey, id, 'MAXDELETEDID', old .. '-0')
+      redis.call('XSETID', skey, id, 'MAXDELETEDID', gone .. '-0')
     end
     trim(skey, id, maxlen, old)
     if ttl > 0 then
@@ -139,8 +178,18 @@ local function publish(keys, args)
     end
     out[i + 1] = seq
   end
+  -- One sample per second at most (CLOCK_STEP): the clock stays small (retention /
+  -- 1 s samples) and most calls do not write it; the price is seq_by's ~1 s coarseness.
   local last = redis.call('ZREVRANGE', clock, 0, 0, 'WITHSCORES')
-  if not last[2] or now - tonumber(last[2]) >= 1000 then
+  if last[2] and tonumber(last[2]) > now then
+    -- Redis's clock went back (an NTP step, a failover to a replica whose clock is behind).
+    -- Samples at or after `now` claim "everything published before me is below my seq",
+    -- which this call's seqs now break: drop them (seq_by gets coarser, never low) and
+    -- sample here.
+    redis.call('ZREMRANGEBYSCORE', clock, now, '+inf')
+    last = {}
+  end
+  if not last[2] or now - tonumber(last[2]) >= CLOCK_STEP then
     redis.call('ZADD', clock, now, out[n + 1])
     redis.call('ZREMRANGEBYSCORE', clock, '-inf', now - retention)
   end
@@ -176,7 +225,9 @@ local function replay(keys, args)
     if ttl > 0 then horizon = now - ttl end
     local r = {1}
     if redis.call('EXISTS', skey) == 0 then
-      if mode == 'after' and ttl > 0 and after < seq_at(keys[3], horizon) then r[1] = 0 end
+      -- Gone: expired (ttl + 60 s after its last publish), so everything it held is at most
+      -- seq_by(horizon); or never published.  ttl 0 streams do not expire.
+      if mode == 'after' and ttl > 0 and after < seq_by(keys[3], horizon, head) then r[1] = 0 end
     else
       local entries
       if mode == 'after' then
