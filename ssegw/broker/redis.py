@@ -71,6 +71,7 @@ import logging
 import os
 import random
 import socket
+import weakref
 import zlib
 from collections.abc import Callable
 
@@ -127,6 +128,12 @@ class RedisBroker(Listener):
         #: the watermark: per shard, the highest sequence received (pub/sub, gap fill, marker)
         self.seqs: list[int] = []
         self.epoch = ""
+        #: events replayed recently and still held somewhere (a backlog, a batch), by
+        #: (epoch, seq): concurrent replays of the same history share one frame each instead
+        #: of one copy per client (one shard only: with several, frames carry per-stream
+        #: vector ids).  Weak: an event no stream holds any more is gone from here too.
+        self._frames: weakref.WeakValueDictionary[tuple[str, int], Event] = weakref.WeakValueDictionary()
+        self._inflight: dict[tuple, asyncio.Future[Replay]] = {}
         self.desired: set[str] = set()
         self.confirmed: set[str] = set()
         #: per topic, its shard's confirm_count when its subscription was confirmed
@@ -336,6 +343,24 @@ class RedisBroker(Listener):
 
     async def replay(self, topics: tuple[str, ...], after: tuple[str, tuple[int, ...]] | None,
                      since: str | None) -> Replay:
+        """Concurrent replays asking the same thing (a storm of ``since=earliest`` clients,
+        or of clients resuming from the same id) share one read and one result: history's
+        bytes are read from Redis once, not once per client."""
+        key = (topics, after, since)
+        fut = self._inflight.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(self._replay(topics, after, since))
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda f: self._replayed(key, f))
+        return await asyncio.shield(fut)
+
+    def _replayed(self, key: tuple, fut: asyncio.Future[Replay]) -> None:
+        self._inflight.pop(key, None)
+        if not fut.cancelled():
+            fut.exception()  # retrieved: every waiter got it already (or none is left)
+
+    async def _replay(self, topics: tuple[str, ...], after: tuple[str, tuple[int, ...]] | None,
+                      since: str | None) -> Replay:
         n = len(self.shards)
         if not n or not all(self.shards[shard_index(t, n)].up for t in topics):
             raise BrokerUnavailable("redis is not connected")
@@ -385,8 +410,14 @@ class RedisBroker(Listener):
             evs.sort()
             per_shard.append((k, evs))
         if n == 1:
-            events = [Event(t, seq, ms, encode_frame(f"{self.epoch}-{seq}", body), key)
-                      for _, evs in per_shard for seq, ms, t, key, body in evs]
+            epoch, frames = self.epoch, self._frames
+            events = []
+            for _, evs in per_shard:
+                for seq, ms, t, key, body in evs:
+                    ev = frames.get((epoch, seq))
+                    if ev is None:
+                        ev = frames[(epoch, seq)] = Event(t, seq, ms, encode_frame(f"{epoch}-{seq}", body), key)
+                    events.append(ev)
             return Replay(events, reset, floors)
         # Several shards: replayed frames get a running vector id, per connection.
         v = list(after[1]) if after is not None else list(self.seqs)

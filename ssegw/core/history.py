@@ -25,7 +25,9 @@ class Event:
     the only order that holds across shards.
     """
 
-    __slots__ = ("topic", "seq", "ts_ms", "frame", "key", "n")
+    # __weakref__: a broker may keep a weak index of events still held somewhere, so that
+    # replays of the same history share frames (broker/redis.py); 8 bytes per event.
+    __slots__ = ("topic", "seq", "ts_ms", "frame", "key", "n", "__weakref__")
 
     def __init__(self, topic: str, seq: int, ts_ms: int, frame: bytes, key: str | None) -> None:
         self.topic = topic
