@@ -77,6 +77,8 @@ class Segment:
 
 def segments(events: list[Event], limit: int = SEGMENT_BYTES) -> list[Segment]:
     """Cut ``events`` into segments of about ``limit`` bytes (one when they fit)."""
+    if len(events) == 1:
+        return [Segment(events)]
     out: list[Segment] = []
     start = size = 0
     for i, e in enumerate(events):
@@ -238,8 +240,17 @@ class Fanout:
                     touched.append(tset)
             if ts.sets:
                 batches[ts.name] = batch
+        # Sets whose dirty topics are the same get the same events: one item (one merged
+        # buffer) for all of them.  "A shared topic plus one of my own" gives every stream
+        # its own set, but in a flush where only the shared topic moved they all share.
+        merged: dict[tuple[int, ...], _Item] = {}
         for tset in touched:
             lists = [b for b in (batches.get(name) for name in tset.topics) if b]
+            key = tuple(map(id, lists))
+            it = merged.get(key)
+            if it is not None:
+                it.subs.extend(tset.subs.values())
+                continue
             if len(lists) == 1:
                 evs = lists[0]
             else:
@@ -248,7 +259,8 @@ class Fanout:
                 # unrelated and each frame's vector id is only right in arrival order.
                 evs = [e for b in lists for e in b]
                 evs.sort(key=_arrival)
-            sw.items.append(_Item(None, list(tset.subs.values()), evs))
+            it = merged[key] = _Item(None, list(tset.subs.values()), evs)
+            sw.items.append(it)
         return sw
 
     def _catch_up(self, it: _Item) -> None:
