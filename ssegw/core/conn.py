@@ -44,6 +44,7 @@ from collections import deque
 
 from .errors import ProtocolError
 from .history import Event
+from .wheel import Timer
 
 # States.
 HEAD, BODY, RESPOND, STARTING, STREAM, DRAINING, CLOSED = range(7)
@@ -196,8 +197,8 @@ class Conn:
         self.progress_ms = 0  # last time the client took bytes (writable again / written)
         self.over_ms = 0  # since when the backlog has been over max_buffer (0: it is not)
         self.due_ms = 0  # idle/head deadline, checked lazily when ``timer`` fires
-        self.timer: object = None  # one wheel entry: head/idle timeout, then liveness
-        self.deadline: object = None  # lifetime / token expiry / drain close
+        self.timer: Timer | None = None  # one wheel entry: head/idle timeout, then liveness
+        self.deadline: Timer | None = None  # lifetime / token expiry / drain close
 
 
 def advance(conn: Conn, event: int) -> int:

@@ -16,6 +16,9 @@ import logging
 import random
 import time
 from collections import deque
+from typing import Protocol, cast
+
+import h11
 
 from ..broker.base import Broker
 from ..config import Config
@@ -53,6 +56,19 @@ WRITE_HIGH = 64 * 1024
 T_LIFETIME, T_EXPIRE, T_DRAIN = 4, 5, 6
 
 
+class AdminSource(Protocol):
+    """What the admin routes report from: one worker (``handlers.LocalAdmin``) or, on a
+    supervisor's admin listener, every worker (``supervisor.Supervisor``)."""
+
+    def ready(self) -> tuple[bool, str]: ...
+
+    async def snapshots(self) -> list[dict[str, object]]: ...
+
+    async def stats(self) -> list[dict[str, object]]: ...
+
+    async def subscribers(self, topic: str) -> int: ...
+
+
 class Context:
     T_LIFETIME, T_EXPIRE, T_DRAIN = T_LIFETIME, T_EXPIRE, T_DRAIN
 
@@ -83,7 +99,7 @@ class Context:
         self.drain_started = 0.0
         self.started_at = time.time()
         # What the admin routes report: this worker, or (in a supervisor) all workers.
-        self.admin_source: object = None
+        self.admin_source: AdminSource | None = None
         # Timing in ms.
         self.retry_ms = int(cfg.retry * 1000)
         self.hb_ms = int(cfg.heartbeat_interval * 1000)
@@ -128,15 +144,22 @@ class Context:
         assert self.loop is not None
         return int(self.loop.time() * 1000)
 
+    def records(self) -> list[HTTPProtocol | None]:
+        """The connection table's slots (the table itself, not a copy)."""
+        # The core table knows its records as Conn; a worker adds nothing but its
+        # HTTPProtocol objects (on_connect).
+        return cast("list[HTTPProtocol | None]", self.table.records)
+
     # -- connection events (called by the protocol) -------------------------------------
 
     def on_connect(self, p: HTTPProtocol) -> None:
         self.table.add(p)
         now = self.now_ms()
-        p.transport.set_write_buffer_limits(high=self.write_high)  # type: ignore[attr-defined]
+        p.transport.set_write_buffer_limits(high=self.write_high)
         if p.admin:
             p.due_ms = now + self.head_ms
-            p.timer = self.wheel.schedule(p.due_ms, T_HEAD, p)  # type: ignore[union-attr]
+            assert self.wheel is not None
+            p.timer = self.wheel.schedule(p.due_ms, T_HEAD, p)
             return
         self.connections_open += 1
         self.connections_accepted += 1
@@ -147,14 +170,15 @@ class Context:
             self.refused_capacity += 1
             self.count_response(503)
             body = error_body("unavailable", "at capacity")
-            p.transport.write(  # type: ignore[attr-defined]
+            p.transport.write(
                 b"HTTP/1.1 503 Service Unavailable\r\nserver: ssegw\r\ncontent-type: application/json\r\n"
                 b"retry-after: %d\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
                 % (self.admission.retry_after, len(body), body))
             p.close()
             return
         p.due_ms = now + self.head_ms
-        p.timer = self.wheel.schedule(p.due_ms, T_HEAD, p)  # type: ignore[union-attr]
+        assert self.wheel is not None
+        p.timer = self.wheel.schedule(p.due_ms, T_HEAD, p)
         self.flow.socket_options(p, self.hb_ms)
 
     def on_closing(self, p: HTTPProtocol) -> None:
@@ -214,11 +238,11 @@ class Context:
         resume from their last id and get ``ssegw.reset`` instead of a silent gap."""
         now = self.now_ms()
         wanted = None if topics is None else set(topics)
-        for p in self.table.records:
+        for p in self.records():
             if p is None or p.state != STREAM:
                 continue
             if wanted is None or any(t in wanted for t in p.topics):
-                self.set_deadline(p, now + int(random.uniform(0, GAP_CLOSE_SPREAD_MS)), T_DRAIN)  # type: ignore[arg-type]
+                self.set_deadline(p, now + int(random.uniform(0, GAP_CLOSE_SPREAD_MS)), T_DRAIN)
 
     def _release(self, p: HTTPProtocol) -> None:
         if p.topics:
@@ -232,10 +256,10 @@ class Context:
         wheel = self.wheel
         if wheel is not None:
             if p.timer is not None:
-                wheel.cancel(p.timer)  # type: ignore[arg-type]
+                wheel.cancel(p.timer)
                 p.timer = None
             if p.deadline is not None:
-                wheel.cancel(p.deadline)  # type: ignore[arg-type]
+                wheel.cancel(p.deadline)
                 p.deadline = None
         p.backlog = None
 
@@ -253,7 +277,8 @@ class Context:
         cancel and a schedule per response."""
         p.due_ms = self.now_ms() + self.idle_ms
         if p.timer is None:
-            p.timer = self.wheel.schedule(p.due_ms, T_HEAD, p)  # type: ignore[union-attr]
+            assert self.wheel is not None
+            p.timer = self.wheel.schedule(p.due_ms, T_HEAD, p)
 
     def count_protocol_error(self) -> None:
         self.protocol_errors += 1
@@ -325,12 +350,12 @@ class Context:
         bring it back to the heartbeat.  Once per catch-up, not per write."""
         t = p.timer
         due = p.last_write_ms + self.hb_ms
-        if t is not None and t.deadline_ms <= due:  # type: ignore[attr-defined]
+        if t is not None and t.deadline_ms <= due:
             return
         wheel = self.wheel
         assert wheel is not None
         if t is not None:
-            wheel.cancel(t)  # type: ignore[arg-type]
+            wheel.cancel(t)
         p.timer = wheel.schedule(max(due, now + TICK_MS), T_HEARTBEAT, p)
 
     def set_deadline(self, p: HTTPProtocol, due_ms: int, kind: int) -> None:
@@ -339,20 +364,20 @@ class Context:
         assert wheel is not None
         cur = p.deadline
         if cur is not None:
-            if cur.active and cur.deadline_ms <= due_ms:  # type: ignore[attr-defined]
+            if cur.active and cur.deadline_ms <= due_ms:
                 return
-            wheel.cancel(cur)  # type: ignore[arg-type]
+            wheel.cancel(cur)
         p.deadline = wheel.schedule(due_ms, kind, p)
 
     def _buffered(self) -> dict[str, int]:
         """Output waiting in user space: transport buffers plus backlogs (O(connections),
         at scrape time only)."""
         total = peak = owed = 0
-        for p in self.table.records:
+        for p in self.records():
             if p is None or p.state == CLOSED:
                 continue
             try:
-                n = p.transport.get_write_buffer_size()  # type: ignore[attr-defined]
+                n = p.transport.get_write_buffer_size()
             except (AttributeError, RuntimeError):
                 n = 0
             b = p.backlog
@@ -409,7 +434,7 @@ class Context:
         """Subscribe, replay and start an admitted stream (the request handlers')."""
         raise NotImplementedError
 
-    def handle(self, p: HTTPProtocol, req: object, body: bytes) -> None:
+    def handle(self, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
         """Serve a complete request (the request handlers')."""
         raise NotImplementedError
 

@@ -22,17 +22,17 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import cast
 
-from ..core.conn import STREAM, Conn, owed
+from ..core.conn import STREAM, owed
 from ..core.fanout import SEGMENT_BYTES, Fanout, Plan, Segment, segments
 from ..core.history import Event
 from ..core.sse import chunk
+from .protocol import HTTPProtocol
 
-# The connections handled here are the server's protocol objects (core Conn records with an
-# asyncio transport and ``abort()``); typed loosely so the fan-out's tests can drive this
-# executor with plain fakes.
-HTTPProtocol = Any
+# The connections handled here are the server's protocol objects: core Conn records with an
+# asyncio transport and ``abort()``.  (The fan-out's tests drive this executor with fakes
+# that have the same surface: a Conn subclass with ``transport.write`` and ``abort()``.)
 
 log = logging.getLogger("ssegw.flow")
 
@@ -61,7 +61,7 @@ class Flow:
             TCP_USER_TIMEOUT for unacknowledged data).
     """
 
-    def __init__(self, fanout: Fanout, drop: Callable[[Conn, str], None], stall_ms: int) -> None:
+    def __init__(self, fanout: Fanout, drop: Callable[[HTTPProtocol, str], None], stall_ms: int) -> None:
         self.fan = fanout
         self.stats = fanout.stats
         self.drop = drop
@@ -72,7 +72,12 @@ class Flow:
     def carry_out(self, plan: Plan, now_ms: int) -> None:
         stats = self.stats
         writes = delivered = nbytes = 0
-        for conns, segs in plan.shared:
+        # The core's plan holds table records as Conn; every record of a worker's table is
+        # one of its HTTPProtocol objects (Context.on_connect adds them).
+        shared = cast("list[tuple[list[HTTPProtocol], list[Segment]]]", plan.shared)
+        single = cast("list[tuple[HTTPProtocol, list[Event]]]", plan.single)
+        drops = cast("list[tuple[HTTPProtocol, str]]", plan.drops)
+        for conns, segs in shared:
             if len(segs) == 1:
                 seg = segs[0]
                 framed, raw, n = seg.framed, seg.raw, len(seg.events)
@@ -82,7 +87,7 @@ class Flow:
                         continue
                     data = framed if c.chunked else raw
                     try:
-                        c.transport.write(data)  # type: ignore[attr-defined]
+                        c.transport.write(data)
                     except Exception:  # a bug or a broken transport: close this one, go on
                         self._failed(c)
                         continue
@@ -96,7 +101,7 @@ class Flow:
                     writes += w
                     delivered += d
                     nbytes += b
-        for c, evs in plan.single:
+        for c, evs in single:
             w, d, b = self._write_segs(c, segments(evs), now_ms)
             writes += w
             delivered += d
@@ -104,7 +109,7 @@ class Flow:
         stats.writes += writes
         stats.events_delivered += delivered
         stats.bytes_written += nbytes
-        for c, reason in plan.drops:
+        for c, reason in drops:
             self.drop(c, reason)
 
     def _write_segs(self, c: HTTPProtocol, segs: list[Segment], now_ms: int) -> tuple[int, int, int]:
@@ -115,7 +120,7 @@ class Flow:
                 break
             data = seg.framed if c.chunked else seg.raw
             try:
-                c.transport.write(data)  # type: ignore[attr-defined]
+                c.transport.write(data)
             except Exception:  # a bug or a broken transport: close this one, go on
                 self._failed(c)
                 break
@@ -153,7 +158,7 @@ class Flow:
             raw = evs[0].frame if len(evs) == 1 else b"".join([e.frame for e in evs])
             data = chunk(raw) if c.chunked else raw
             try:
-                c.transport.write(data)  # type: ignore[attr-defined]
+                c.transport.write(data)
             except Exception:  # a bug or a broken transport: close this one
                 self._failed(c)
                 return
@@ -175,7 +180,7 @@ class Flow:
         timeout, so a black-holed client is gone within heartbeat_interval + that.
         Keepalive probes cover connections with nothing in flight (a request being read).
         """
-        sock = p.transport.get_extra_info("socket")  # type: ignore[attr-defined]
+        sock = p.transport.get_extra_info("socket")
         if sock is None:
             return
         idle = max(1, hb_ms // 1000)
@@ -194,7 +199,7 @@ class Flow:
         probing against it, so a stalled client we mean to keep (every topic conflates)
         would be reset while it waits; for those it is off while the transport is paused,
         and :meth:`peer_dead` decides instead."""
-        sock = p.transport.get_extra_info("socket")  # type: ignore[attr-defined]
+        sock = p.transport.get_extra_info("socket")
         if sock is None:
             return
         try:
@@ -205,7 +210,7 @@ class Flow:
     def peer_dead(self, p: HTTPProtocol) -> bool:
         """True when the peer has acknowledged nothing for the stall timeout while
         retransmissions or zero-window probes kept going unanswered (TCP_INFO)."""
-        sock = p.transport.get_extra_info("socket")  # type: ignore[attr-defined]
+        sock = p.transport.get_extra_info("socket")
         if sock is None:
             return False
         try:

@@ -17,6 +17,8 @@ import logging
 import os
 import random
 import time
+from collections.abc import Coroutine
+from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 import h11
@@ -195,7 +197,8 @@ def open_stream(w: Context, p: HTTPProtocol, req: h11.Request, query: bytes) -> 
             raise
     # The head is complete: the head timer's job is done.
     if p.timer is not None:
-        w.wheel.cancel(p.timer)  # type: ignore[union-attr]
+        assert w.wheel is not None
+        w.wheel.cancel(p.timer)
         p.timer = None
     args = (topics, after, since, principal)
     if not w.stream_gate():
@@ -395,6 +398,7 @@ def _admin(w: Context, p: HTTPProtocol, req: h11.Request, path: bytes) -> None:
     if req.method not in (b"GET", b"HEAD"):
         raise MethodNotAllowed("admin endpoints are read-only: use GET", headers=(("Allow", "GET, HEAD"),))
     source = w.admin_source
+    assert source is not None  # set with the worker (LocalAdmin) or by the CLI (a supervisor)
     if path == b"/healthz":
         p.respond_json(200, {"status": "ok"})
     elif path == b"/readyz":
@@ -428,9 +432,9 @@ def _admin(w: Context, p: HTTPProtocol, req: h11.Request, path: bytes) -> None:
         _later(p, topic())
 
 
-def _later(p: HTTPProtocol, coro: object) -> None:
+def _later(p: HTTPProtocol, coro: Coroutine[Any, Any, None]) -> None:
     """Run an admin answer that needs a round trip (broker, workers); errors become 503."""
-    task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    task = asyncio.get_running_loop().create_task(coro)
 
     def done(t: asyncio.Task) -> None:
         exc = t.exception()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Protocol, cast
 
 import h11
 import orjson
@@ -76,10 +77,56 @@ def error_body(code: str, detail: str) -> bytes:
     return orjson.dumps({"error": code, "detail": detail})
 
 
+class Limits(Protocol):
+    """The settings an :class:`HTTPProtocol` reads (``Config`` has them)."""
+
+    @property
+    def max_head_size(self) -> int: ...
+
+    @property
+    def max_body(self) -> int: ...
+
+
+class Owner(Protocol):
+    """What an :class:`HTTPProtocol` calls on its owner: the worker's context
+    (``server/context.py``), or a test's fake.  Declared here rather than imported, so that
+    this module imports nothing of the server's (``context.py`` imports it)."""
+
+    @property
+    def cfg(self) -> Limits: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    def on_connect(self, p: HTTPProtocol) -> None: ...
+
+    def on_closing(self, p: HTTPProtocol) -> None: ...
+
+    def on_close(self, p: HTTPProtocol) -> None: ...
+
+    def on_pause(self, p: HTTPProtocol) -> None: ...
+
+    def on_resume(self, p: HTTPProtocol) -> None: ...
+
+    def handle(self, p: HTTPProtocol, req: h11.Request, body: bytes) -> None: ...
+
+    def arm_idle(self, p: HTTPProtocol) -> None: ...
+
+    def count_protocol_error(self) -> None: ...
+
+    def count_response(self, status: int) -> None: ...
+
+    def cors_headers(self, p: HTTPProtocol) -> list[tuple[bytes, bytes]]: ...
+
+
 class HTTPProtocol(Conn, asyncio.Protocol):
     __slots__ = ("w", "h11", "admin", "req", "body", "line", "inbound", "held_ip", "driving", "served")
 
-    def __init__(self, worker: object, admin: bool) -> None:
+    # Narrows core's ``Conn.transport`` (the core does no I/O and may not import asyncio):
+    # from connection_made on, a socket's transport.
+    transport: asyncio.Transport
+
+    def __init__(self, worker: Owner, admin: bool) -> None:
         self.init_conn()
         self.w = worker
         self.admin = admin
@@ -95,7 +142,8 @@ class HTTPProtocol(Conn, asyncio.Protocol):
     # -- asyncio callbacks ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+        # create_server / create_unix_server hand a stream protocol a full Transport.
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.ip = peer[0] if peer else ""
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.w.cfg.max_head_size)
@@ -184,16 +232,19 @@ class HTTPProtocol(Conn, asyncio.Protocol):
                 return
             if ev is h11.NEED_DATA or ev is h11.PAUSED:
                 return
+            # Dispatch on the exact type, once (uvicorn's h11_impl); mypy does not narrow
+            # ``ev`` through ``t``, hence the casts.
             t = type(ev)
             if t is h11.Request:
-                self._on_request(ev)  # type: ignore[arg-type]
+                self._on_request(cast(h11.Request, ev))
             elif t is h11.Data:
-                self.inbound += len(ev.data)  # type: ignore[union-attr]
+                data = cast(h11.Data, ev).data
+                self.inbound += len(data)
                 if self.inbound > self.w.cfg.max_body:
                     self._refuse(413, "payload_too_large", f"body is over max_body ({self.w.cfg.max_body} bytes)")
                     return
                 assert self.body is not None
-                self.body.append(ev.data)  # type: ignore[union-attr]
+                self.body.append(data)
             elif t is h11.EndOfMessage:
                 self._dispatch()
             elif t is h11.ConnectionClosed:
@@ -229,7 +280,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
                     self._refuse(413, "payload_too_large", f"body is over max_body ({cfg.max_body} bytes)")
                     return
         if self.h11 is not None and self.h11.they_are_waiting_for_100_continue:
-            self.transport.write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))  # type: ignore[attr-defined]
+            self.transport.write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
 
     def _dispatch(self) -> None:
         req = self.req
@@ -238,7 +289,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         advance(self, REQUEST_DONE)
         # Nothing more is read until this request is answered: pipelined requests wait in
         # the kernel, not in our memory.
-        self.transport.pause_reading()  # type: ignore[attr-defined]
+        self.transport.pause_reading()
         assert req is not None
         try:
             self.w.handle(self, req, body)
@@ -270,13 +321,13 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         try:
             out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=_REASONS.get(status, b"")))
             if body and self.req is not None and self.req.method != b"HEAD":
-                out += conn.send(h11.Data(data=body))  # type: ignore[operator]
-            out += conn.send(h11.EndOfMessage())  # type: ignore[operator]
+                out += conn.send(h11.Data(data=body))
+            out += conn.send(h11.EndOfMessage())
         except h11.LocalProtocolError as e:
             log.debug("cannot answer %s: %s", self.ip, e)
             self.abort()
             return
-        self.transport.write(out)  # type: ignore[attr-defined]
+        self.transport.write(out)
         self.served += 1
         if close or conn.our_state is h11.MUST_CLOSE:
             self.close()
@@ -297,7 +348,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         again."""
         if self.state != HEAD or self.wpaused:
             return
-        self.transport.resume_reading()  # type: ignore[attr-defined]
+        self.transport.resume_reading()
         # An answer given later (a broker round trip) must also serve requests that were
         # pipelined behind it and already sit in h11's buffer.
         if not self.driving:
@@ -328,12 +379,12 @@ class HTTPProtocol(Conn, asyncio.Protocol):
                     (b"connection", b"close")]
             try:
                 out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=_REASONS.get(status, b"")))
-                out += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())  # type: ignore[operator]
-                self.transport.write(out)  # type: ignore[attr-defined]
+                out += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+                self.transport.write(out)
             except h11.LocalProtocolError:
                 # h11 will not answer a peer it considers broken (e.g. a bad request line
                 # means it never learned the HTTP version); write a minimal 1.1 answer.
-                self.transport.write(  # type: ignore[attr-defined]
+                self.transport.write(
                     b"HTTP/1.1 %d %s\r\nserver: ssegw\r\ncontent-type: application/json\r\n"
                     b"content-length: %d\r\nconnection: close\r\n\r\n%s"
                     % (status, _REASONS.get(status, b""), len(body), body)
@@ -354,12 +405,12 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         self.inbound = 0
         advance(self, STREAM_OPEN)
         # Read again, only to notice the client closing (bytes are discarded, bounded).
-        self.transport.resume_reading()  # type: ignore[attr-defined]
-        self.transport.write(head + (_chunk(first) if self.chunked else first))  # type: ignore[attr-defined, operator]
+        self.transport.resume_reading()
+        self.transport.write(head + (_chunk(first) if self.chunked else first))
 
     def send_stream(self, payload: bytes) -> None:
         """Write SSE bytes (heartbeat, retry) to an open stream, framed as needed."""
-        self.transport.write(_chunk(payload) if self.chunked else payload)  # type: ignore[attr-defined]
+        self.transport.write(_chunk(payload) if self.chunked else payload)
 
     def end_stream(self, last: bytes = b"") -> None:
         """Close a stream from our side: ``last`` (e.g. a retry hint), the last chunk, FIN."""
@@ -369,20 +420,20 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             return
         advance(self, END)
         if self.chunked:
-            self.transport.write(_chunk(last) + LAST_CHUNK)  # type: ignore[attr-defined]
+            self.transport.write(_chunk(last) + LAST_CHUNK)
         elif last:
-            self.transport.write(last)  # type: ignore[attr-defined]
+            self.transport.write(last)
         self.close()
 
     def close(self) -> None:
         if self.state != CLOSED:
             advance(self, CLOSE)
             self.w.on_closing(self)
-        self.transport.close()  # type: ignore[attr-defined]
+        self.transport.close()
 
     def abort(self) -> None:
         if self.state != CLOSED:
             advance(self, CLOSE)
             self.w.on_closing(self)
-        self.transport.abort()  # type: ignore[attr-defined]
+        self.transport.abort()
 

@@ -25,6 +25,9 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from typing import cast
+
+import h11
 
 from ..broker.base import Broker
 from ..config import Config
@@ -41,7 +44,7 @@ from ..core.conn import (
 )
 from ..core.history import Event
 from ..core.sse import HEARTBEAT, encode_retry
-from ..core.wheel import TimerWheel
+from ..core.wheel import Timer, TimerWheel
 from . import handlers
 from .context import T_DRAIN, T_EXPIRE, T_LIFETIME, TICK_MS, Context
 from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol
@@ -78,8 +81,8 @@ class Worker(Context):
     def __init__(self, cfg: Config, broker: Broker, *, extra_startup: Callable[[Worker], None] | None = None) -> None:
         super().__init__(cfg, broker)
         self.stopping: asyncio.Future[None] | None = None
-        self.servers: list[asyncio.AbstractServer] = []
-        self.admin_servers: list[asyncio.AbstractServer] = []
+        self.servers: list[asyncio.Server] = []
+        self.admin_servers: list[asyncio.Server] = []
         self.extra_startup = extra_startup
         self.parent_pid = 0  # set under a supervisor: drain if it disappears
         self.admin_source = handlers.LocalAdmin(self)
@@ -176,17 +179,17 @@ class Worker(Context):
             s.close()
         now = self.now_ms()
         drain_ms = int(self.cfg.drain_timeout * 1000)
-        for p in list(self.table.records):
+        for p in list(self.records()):
             if p is None:
                 continue
             if p.state == STREAM:
-                self.set_deadline(p, now + int(random.uniform(0, drain_ms)), T_DRAIN)  # type: ignore[arg-type]
-            elif p.state == HEAD and p.line == 0 and p.served and not p.admin:  # type: ignore[attr-defined]
+                self.set_deadline(p, now + int(random.uniform(0, drain_ms)), T_DRAIN)
+            elif p.state == HEAD and p.line == 0 and p.served and not p.admin:
                 # An idle public keep-alive connection.  A connection that has not sent its
                 # first request yet stays: it was accepted, so it gets an answer (a stream
                 # request gets 503 draining with Retry-After), not a silent close.  Admin
                 # connections stay so that a probe arriving now gets its /readyz 503.
-                p.close()  # type: ignore[attr-defined]
+                p.close()
         assert self.loop is not None
         self.loop.call_later(self.cfg.drain_timeout + 2.0, self._stop_now)
         self._check_drained()
@@ -195,10 +198,10 @@ class Worker(Context):
         if not self.draining or self.stopping is None or self.stopping.done():
             return
         unasked = False
-        for p in self.table.records:
-            if p is None or p.admin or p.state == CLOSED:  # type: ignore[attr-defined]
+        for p in self.records():
+            if p is None or p.admin or p.state == CLOSED:
                 continue
-            if p.state == HEAD and p.line == 0 and p.inbound == 0:  # type: ignore[attr-defined]
+            if p.state == HEAD and p.line == 0 and p.inbound == 0:
                 unasked = True  # accepted, nothing asked yet
                 continue
             return
@@ -212,12 +215,12 @@ class Worker(Context):
         self._stop_now()
 
     def _stop_now(self) -> None:
-        for p in list(self.table.records):
+        for p in list(self.records()):
             if p is not None and p.state != CLOSED:
                 if p.state == STREAM:
-                    p.end_stream(encode_retry(self.jittered_retry()))  # type: ignore[attr-defined]
+                    p.end_stream(encode_retry(self.jittered_retry()))
                 else:
-                    p.abort()  # type: ignore[attr-defined]
+                    p.abort()
         if self.stopping is not None and not self.stopping.done():
             self.stopping.set_result(None)
 
@@ -226,8 +229,8 @@ class Worker(Context):
     def cors_headers(self, p: HTTPProtocol) -> list[tuple[bytes, bytes]]:
         return handlers.cors_headers(self, p)
 
-    def handle(self, p: HTTPProtocol, req: object, body: bytes) -> None:
-        handlers.handle(self, p, req, body)  # type: ignore[arg-type]
+    def handle(self, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
+        handlers.handle(self, p, req, body)
 
     def begin_stream(self, p: HTTPProtocol, args: tuple) -> None:
         handlers.begin_stream(self, p, *args)
@@ -265,7 +268,8 @@ class Worker(Context):
             dirty = fan.dirty
             if dirty:
                 # Publish-to-sweep delay of the oldest waiting event (wall clock, like ts_ms).
-                oldest = min(ts.batch[0].ts_ms for ts in dirty)  # type: ignore[attr-defined]
+                # (core.table types a topic's batch loosely; it holds Events.)
+                oldest = min(cast(Event, ts.batch[0]).ts_ms for ts in dirty)
                 self.hist_delay.observe(max(0, time.time_ns() // 1_000_000 - oldest))
         now = self.now_ms()
         done, plan = fan.sweep_step(now, SLICE_WRITES)
@@ -318,9 +322,10 @@ class Worker(Context):
             if rate is not None:
                 rate.prune(now)
 
-    def _fire(self, t: object, now: int) -> None:
-        p: HTTPProtocol = t.target  # type: ignore[attr-defined]
-        kind = t.kind  # type: ignore[attr-defined]
+    def _fire(self, t: Timer, now: int) -> None:
+        # Every wheel entry of a worker targets one of its connections (see schedule calls).
+        p = cast(HTTPProtocol, t.target)
+        kind = t.kind
         if p.state == CLOSED:
             return
         if kind == T_HEARTBEAT or kind == T_HEAD:
