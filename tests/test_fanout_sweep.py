@@ -148,8 +148,8 @@ def test_a_raising_write_of_a_multi_segment_shared_write() -> None:
 
 
 def test_a_raising_write_of_a_connection_with_its_own_events() -> None:
-    # Subscribers that caught up mid-pass carry a floor: the next pass writes them one by
-    # one (Plan.single), not through the shared list.
+    # Subscribers that caught up mid-pass carry a floor: the next pass filters once per
+    # floor value and writes them one shared buffer (a group of their own in Plan.shared).
     r = Rig()
     subs = [r.conn("a") for _ in range(6)]
     r.publish(ev(1, "a"))
@@ -160,7 +160,10 @@ def test_a_raising_write_of_a_connection_with_its_own_events() -> None:
     subs[3].transport.broken = True  # type: ignore[attr-defined]
     r.publish(ev(3, "a"))
     done, plan = r.step(0, 1 << 30)
-    assert done and len(plan.single) == 4
+    assert done and not plan.single
+    assert sorted(len(conns) for conns, _ in plan.shared) == [2, 4]
+    floored = next(conns for conns, _ in plan.shared if len(conns) == 4)
+    assert floored == subs[2:]
     assert subs[3].state == CLOSED
     r.publish(ev(4, "a"))
     r.flush(0)

@@ -122,7 +122,9 @@ class _Item:
         self.pos = 0
         self.caught = events[-1].seq
         self.extended = False
-        self.cache: dict[int, list[Event]] = {}  # floor -> events above it
+        # floor -> (events above it, their segments): the streams that caught up in the same
+        # slice of the previous sweep share one floor, so they share these bytes too.
+        self.cache: dict[int, tuple[list[Event], list[Segment]]] = {}
 
 
 class _Sweep:
@@ -188,6 +190,7 @@ class Fanout:
             end = min(len(subs), it.pos + quota)
             caught = it.caught if it.extended else 0
             live: list[Conn] = []
+            floored: dict[int, list[Conn]] = {}
             for i in range(it.pos, end):
                 conn = subs[i]
                 route = conn.route
@@ -197,10 +200,13 @@ class Fanout:
                         conn.floor = {ts.name: caught}  # type: ignore[union-attr]
                         conn.route = HOLD
                 elif route == HOLD:
-                    self._slow(conn, it, caught, plan, now_ms)
+                    self._slow(conn, it, caught, plan, now_ms, floored)
             if live:
                 plan.shared.append((live, it.segs))
                 sw.writes += len(live)
+            for f, conns in floored.items():
+                plan.shared.append((conns, it.cache[f][1]))
+                sw.writes += len(conns)
             quota -= max(1, end - it.pos)
             it.pos = end
             if end >= len(subs):
@@ -276,23 +282,29 @@ class Fanout:
         it.cache = {}
         self.stats.caught_up += len(new)
 
-    def _slow(self, conn: Conn, it: _Item, caught: int, plan: Plan, now_ms: int) -> None:
-        """A HOLD connection: filter by its floor, then write (only a floor held it) or hold."""
+    def _slow(self, conn: Conn, it: _Item, caught: int, plan: Plan, now_ms: int,
+              floored: dict[int, list[Conn]]) -> None:
+        """A HOLD connection: filter by its floor, then write (only a floor held it) or hold.
+        Writable streams of one topic that share a floor value are collected in ``floored``
+        and get one shared write per value."""
         evs = it.events
         floor = conn.floor
+        shared = -1
         if floor is not None:
             ts = it.ts
             if ts is not None:
                 f = floor.get(ts.name)
                 if f is not None:
                     # Subscribers that caught up in the same slice of the previous sweep
-                    # share one floor: filter once per floor value.
-                    kept = it.cache.get(f)
-                    if kept is None:
-                        kept = it.cache[f] = [e for e in evs if e.seq > f]
-                    evs = kept
+                    # share one floor: filter and join once per floor value.
+                    cached = it.cache.get(f)
+                    if cached is None:
+                        kept = [e for e in evs if e.seq > f]
+                        cached = it.cache[f] = (kept, segments(kept) if kept else [])
+                    evs = cached[0]
                     if evs:
                         del floor[ts.name]
+                        shared = f
             else:
                 evs = apply_floor(floor, evs)
             if not floor:
@@ -305,6 +317,13 @@ class Fanout:
         if conn.route == HOLD and (conn.state != STREAM or conn.wpaused or conn.backlog is not None):
             if self.hold(conn, evs, now_ms, False):
                 plan.drops.append((conn, "buffer"))
+            return
+        if shared >= 0:
+            group = floored.get(shared)
+            if group is None:
+                floored[shared] = [conn]
+            else:
+                group.append(conn)
             return
         plan.single.append((conn, evs))
 
