@@ -22,7 +22,6 @@ from ssegw.core.sse import (
     LAST_CHUNK,
     MAX_EVENT_NAME,
     RESERVED_EVENT_PREFIX,
-    check_id,
     chunk,
     data_lines,
     encode_body,
@@ -170,17 +169,6 @@ def test_event_name_is_either_safe_or_bad_request(name: str) -> None:
 
 def p_event(name: str) -> str:
     return parse(frame("e-1", "x", name).decode()).events[0].event
-
-
-@pytest.mark.parametrize("value", ["a\rb", "a\nb", "a\0b"])
-def test_check_id_rejects_cr_lf_nul(value: str) -> None:
-    with pytest.raises(BadRequest) as ei:
-        check_id(value)
-    assert ei.value.code == "bad_id"
-
-
-def test_check_id_accepts_plain_id() -> None:
-    assert check_id("abc-12.3") == "abc-12.3"
 
 
 def test_reserved_prefix_is_ssegw_dot() -> None:

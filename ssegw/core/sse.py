@@ -52,12 +52,6 @@ def validate_event_name(name: object) -> str:
     return name
 
 
-def check_id(value: str) -> str:
-    if _BAD_FIELD.search(value):
-        raise BadRequest("id contains CR, LF or NUL", code="bad_id")
-    return value
-
-
 def data_lines(text: str) -> bytes:
     """Encode ``text`` as ``data:`` lines, split at CRLF, CR and LF (not splitlines())."""
     try:

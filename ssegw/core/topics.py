@@ -21,10 +21,6 @@ _TOPIC_RE = re.compile(r"[A-Za-z0-9_\-.:@/]{1,128}\Z")
 _SEGMENT_RE = re.compile(r"(?:[A-Za-z0-9_\-:@/]|\{sub\})+\Z")
 
 
-def is_valid_topic(name: str) -> bool:
-    return isinstance(name, str) and _TOPIC_RE.match(name) is not None
-
-
 def validate_topic(name: object) -> str:
     """Return ``name`` if it is a valid topic, else raise :class:`BadRequest`."""
     if not isinstance(name, str):
