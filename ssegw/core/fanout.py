@@ -191,16 +191,26 @@ class Fanout:
             caught = it.caught if it.extended else 0
             live: list[Conn] = []
             floored: dict[int, list[Conn]] = {}
-            for i in range(it.pos, end):
-                conn = subs[i]
-                route = conn.route
-                if route == LIVE:
-                    live.append(conn)
-                    if caught:
-                        conn.floor = {ts.name: caught}  # type: ignore[union-attr]
+            if caught:
+                name = ts.name  # type: ignore[union-attr]
+                for i in range(it.pos, end):
+                    conn = subs[i]
+                    route = conn.route
+                    if route == LIVE:
+                        live.append(conn)
+                        conn.floor = {name: caught}
                         conn.route = HOLD
-                elif route == HOLD:
-                    self._slow(conn, it, caught, plan, now_ms, floored)
+                    elif route == HOLD:
+                        self._slow(conn, it, caught, plan, now_ms, floored)
+            else:
+                # The hot loop: a route check and an append per connection.
+                add = live.append
+                for conn in subs[it.pos:end] if it.pos or end < len(subs) else subs:
+                    route = conn.route
+                    if route == LIVE:
+                        add(conn)
+                    elif route == HOLD:
+                        self._slow(conn, it, 0, plan, now_ms, floored)
             if live:
                 plan.shared.append((live, it.segs))
                 sw.writes += len(live)

@@ -79,22 +79,31 @@ class Flow:
         drops = cast("list[tuple[HTTPProtocol, str]]", plan.drops)
         for conns, segs in shared:
             if len(segs) == 1:
+                # The hot loop: one write per connection, nothing else that can be counted
+                # after the loop is counted inside it.
                 seg = segs[0]
-                framed, raw, n = seg.framed, seg.raw, len(seg.events)
+                framed, raw = seg.framed, seg.raw
+                missed = unframed = 0
                 for c in conns:
                     if c.wpaused or c.state != STREAM:  # paused by a write earlier in this plan
                         self._rest(c, segs, 0, now_ms)
+                        missed += 1
                         continue
-                    data = framed if c.chunked else raw
                     try:
-                        c.transport.write(data)
+                        if c.chunked:
+                            c.transport.write(framed)
+                        else:
+                            c.transport.write(raw)
+                            unframed += 1
                     except Exception:  # a bug or a broken transport: close this one, go on
                         self._failed(c)
+                        missed += 1
                         continue
                     c.last_write_ms = now_ms
-                    writes += 1
-                    delivered += n
-                    nbytes += len(data)
+                ok = len(conns) - missed
+                writes += ok
+                delivered += ok * len(seg.events)
+                nbytes += (ok - unframed) * len(framed) + unframed * len(raw)
             else:
                 for c in conns:
                     w, d, b = self._write_segs(c, segs, now_ms)
