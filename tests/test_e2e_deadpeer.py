@@ -84,3 +84,42 @@ def test_black_holed_client_is_detected_and_its_slot_freed(gateway, netns):
         for f in (client.stdout, client.stderr):
             if f is not None:
                 f.close()
+
+
+def test_black_holed_client_on_a_conflate_topic_is_detected(gateway, netns):
+    """A stream whose every topic conflates is kept while stalled, so the kernel's
+    TCP_USER_TIMEOUT is off while its transport is paused (Linux would count a live client's
+    zero-window probing against it).  A dead one must still go: the gateway asks TCP_INFO
+    (nothing acknowledged for the stall timeout, retransmissions unanswered)."""
+    ns, host_if, ns_if, host_ip = netns
+    # All addresses: the client comes over the veth, the test publishes over loopback
+    # (publishing without auth is for loopback peers only).
+    g: Gateway = gateway("--host", "0.0.0.0", "--heartbeat-interval", "1s",
+                         config='[[topics]]\npattern = "dead.>"\nslow_consumer = "conflate"\n')
+    client = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, host_ip, str(g.port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == "connected", client.stderr.read() if client.stderr else ""
+        assert wait_until(lambda: g.stats()["streams_open"] == 1, 5)
+        run("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "down")
+        t0 = time.monotonic()
+        # Keep publishing, so the dead peer's socket fills and its transport pauses (the
+        # conflate path); 50 keys of 4 KB each keep what it owes under max_buffer.
+        i = 0
+        while time.monotonic() - t0 < 25 and g.stats()["streams_open"]:
+            g.publish([{"topic": "dead.t", "key": f"k{(i + j) % 50}", "data": "x" * 4000} for j in range(10)])
+            i += 10
+            time.sleep(0.1)
+        took = time.monotonic() - t0
+        stats = g.stats()
+        assert stats["streams_open"] == 0, f"the dead peer was never detected: {stats['slow_closed']}"
+        assert took < 20, f"dead peer detected only after {took:.1f}s"
+        # Closed by the gateway's own check (the kernel's timeout is off while paused).
+        assert stats["slow_closed"].get("dead_peer") == 1, stats["slow_closed"]
+    finally:
+        client.kill()
+        client.wait(5)
+        for f in (client.stdout, client.stderr):
+            if f is not None:
+                f.close()
