@@ -257,8 +257,15 @@ class Stream:
 
     def __init__(self, port: int, path: str, headers: dict[str, str] | None, timeout: float,
                  http10: bool = False) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        h = {"Host": f"127.0.0.1:{port}", "Accept": "text/event-stream"}
+        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.open(sock, "127.0.0.1", port, path, headers, timeout, http10)
+
+    def open(self, sock: socket.socket, host: str, port: int, path: str, headers: dict[str, str] | None,
+             timeout: float, http10: bool = False) -> None:
+        """Ask for ``path`` on the connected ``sock`` and read the answer's head (subclasses
+        that connect otherwise -- another address, a network namespace -- call this)."""
+        self.sock = sock
+        h = {"Host": f"{host}:{port}", "Accept": "text/event-stream"}
         h.update(headers or {})
         ver = "HTTP/1.0" if http10 else "HTTP/1.1"
         self.sock.sendall(f"GET {path} {ver}\r\n".encode() + b"".join(

@@ -14,8 +14,8 @@ import os
 import re
 
 import netlink
-from harness import Gateway, Response, Stream, dechunk, read_head, request
-from sse_parser import Ev, Parser
+from harness import Gateway, Response, Stream, dechunk, request
+from sse_parser import Ev
 
 
 def code_root() -> str | None:
@@ -96,30 +96,7 @@ class LinkStream(Stream):
     ) -> None:
         self.fast = fast
         self._text = bytearray()
-        self.sock = ns.connect(host, port, timeout, rcvbuf)
-        h = {"Host": f"{host}:{port}", "Accept": "text/event-stream"}
-        h.update(headers or {})
-        self.sock.sendall(
-            f"GET {path} HTTP/1.1\r\n".encode()
-            + b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in h.items())
-            + b"\r\n"
-        )
-        buf = bytearray()
-        self.status, self.headers, self.raw_head = read_head(self.sock, buf, timeout)
-        self.chunked = self.headers.get("transfer-encoding") == "chunked"
-        self.raw = bytearray()
-        self._pending = bytes(buf)
-        self.ended = False
-        self.closed = False
-        self.parser = Parser()
-        self.body = bytearray()
-        self.error_body = b""
-        if self.status != 200:
-            self.error_body = bytes(buf)
-            self.sock.close()
-            self.closed = True
-        else:
-            self._consume(b"")
+        self.open(ns.connect(host, port, timeout, rcvbuf), host, port, path, headers, timeout)
 
     def _consume(self, data: bytes) -> None:
         if not self.fast:

@@ -6,6 +6,7 @@ link down, black-holing it, as a phone losing coverage would.  Needs root and ip
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -61,16 +62,29 @@ def netns():
     subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def test_black_holed_client_is_detected_and_its_slot_freed(gateway, netns):
-    ns, host_if, ns_if, host_ip = netns
-    # heartbeat 1 s -> dead-peer timeout 5 s (the floor): detected within ~1 + 5 s.
-    g: Gateway = gateway("--host", host_ip, "--heartbeat-interval", "1s")
+@contextlib.contextmanager
+def subscribed_client(g: Gateway, ns: str, host_ip: str):  # noqa: ANN201
+    """The CLIENT script in ``ns``, subscribed to ``dead.t``; killed at the end."""
     client = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, host_ip, str(g.port)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert client.stdout is not None
         assert client.stdout.readline().strip() == "connected", client.stderr.read() if client.stderr else ""
         assert wait_until(lambda: g.stats()["streams_open"] == 1, 5)
+        yield client
+    finally:
+        client.kill()
+        client.wait(5)
+        for f in (client.stdout, client.stderr):
+            if f is not None:
+                f.close()
+
+
+def test_black_holed_client_is_detected_and_its_slot_freed(gateway, netns):
+    ns, host_if, ns_if, host_ip = netns
+    # heartbeat 1 s -> dead-peer timeout 5 s (the floor): detected within ~1 + 5 s.
+    g: Gateway = gateway("--host", host_ip, "--heartbeat-interval", "1s")
+    with subscribed_client(g, ns, host_ip):
         # Black-hole the client: its packets and ours vanish, nobody sends FIN or RST.
         run("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "down")
         t0 = time.monotonic()
@@ -78,12 +92,6 @@ def test_black_holed_client_is_detected_and_its_slot_freed(gateway, netns):
         took = time.monotonic() - t0
         assert took < 12, f"dead peer detected only after {took:.1f}s"
         assert g.wait_slots(0) == 0
-    finally:
-        client.kill()
-        client.wait(5)
-        for f in (client.stdout, client.stderr):
-            if f is not None:
-                f.close()
 
 
 def test_black_holed_client_on_a_conflate_topic_is_detected(gateway, netns):
@@ -96,12 +104,7 @@ def test_black_holed_client_on_a_conflate_topic_is_detected(gateway, netns):
     # (publishing without auth is for loopback peers only).
     g: Gateway = gateway("--host", "0.0.0.0", "--heartbeat-interval", "1s",
                          config='[[topics]]\npattern = "dead.>"\nslow_consumer = "conflate"\n')
-    client = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, host_ip, str(g.port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert client.stdout is not None
-        assert client.stdout.readline().strip() == "connected", client.stderr.read() if client.stderr else ""
-        assert wait_until(lambda: g.stats()["streams_open"] == 1, 5)
+    with subscribed_client(g, ns, host_ip):
         run("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "down")
         t0 = time.monotonic()
         # Keep publishing, so the dead peer's socket fills and its transport pauses (the
@@ -117,9 +120,3 @@ def test_black_holed_client_on_a_conflate_topic_is_detected(gateway, netns):
         assert took < 20, f"dead peer detected only after {took:.1f}s"
         # Closed by the gateway's own check (the kernel's timeout is off while paused).
         assert stats["slow_closed"].get("dead_peer") == 1, stats["slow_closed"]
-    finally:
-        client.kill()
-        client.wait(5)
-        for f in (client.stdout, client.stderr):
-            if f is not None:
-                f.close()

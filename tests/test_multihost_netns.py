@@ -33,7 +33,7 @@ import pytest
 from checks import ids, stop_supervised, uniq
 from checks import topic_subscribers as subscribers
 from checks import worker_stats as stats
-from harness import Gateway, Response, Stream, dechunk, read_head, request, wait_until
+from harness import Gateway, Response, Stream, dechunk, request, wait_until
 from redis_harness import RedisServer
 from sse_parser import Ev, Parser
 
@@ -114,27 +114,7 @@ class NetStream(Stream):
 
     def __init__(self, host: str, port: int, path: str, headers: dict[str, str] | None = None,
                  timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        h = {"Host": f"{host}:{port}", "Accept": "text/event-stream"}
-        h.update(headers or {})
-        self.sock.sendall(f"GET {path} HTTP/1.1\r\n".encode() + b"".join(
-            f"{k}: {v}\r\n".encode("latin-1") for k, v in h.items()) + b"\r\n")
-        buf = bytearray()
-        self.status, self.headers, self.raw_head = read_head(self.sock, buf, timeout)
-        self.chunked = self.headers.get("transfer-encoding") == "chunked"
-        self.raw = bytearray()
-        self._pending = bytes(buf)
-        self.ended = False
-        self.closed = False
-        self.parser = Parser()
-        self.body = bytearray()
-        self.error_body = b""
-        if self.status != 200:
-            self.error_body = bytes(buf)
-            self.sock.close()
-            self.closed = True
-        else:
-            self._consume(b"")
+        self.open(socket.create_connection((host, port), timeout=timeout), host, port, path, headers, timeout)
 
 
 class NetnsGateway(Gateway):
