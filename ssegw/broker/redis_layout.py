@@ -6,8 +6,19 @@ whose slot that primary serves) and stores the list in ``ssegw:shards`` with SET
 worker reads the list, and it never changes after that, so the topic -> shard map
 (``crc32(topic) % len(list)``) is stable and resharding moves slots, not topics.  A shard's
 keys and sharded channels all carry its tag, so they live in one slot on one node; each
-shard gets a plain client of that node, re-resolved on every reconnect so that a moved slot
-or a failover is followed.
+shard gets a plain client of that node.
+
+Following the topology.  Which node serves a slot is asked of the cluster on every
+(re)connect of a shard, never taken from a cached map (redis-py's ``RedisCluster.initialize``
+does nothing after its first success, so its map never learns of a failover): ``CLUSTER
+NODES`` goes to every node this layout knows -- the URL's node plus every node any answer
+ever named, replicas included, so the seed may die -- and the slot goes to the claimant with
+the highest config epoch, the rule Redis itself uses to settle conflicting claims.  So a
+promoted replica is followed as soon as it (or anyone who heard of it) answers, and a
+restarted old primary that still believes in its old slots loses to it.  ``CLUSTER NODES``
+rather than ``CLUSTER SHARDS``/``SLOTS`` because only it carries the config epoch.
+The session (``redis_pubsub.py``) reconnects on MOVED, READONLY, LOADING, connection
+errors and an unrequested SUNSUBSCRIBE, so each of those leads here.
 """
 
 from __future__ import annotations
@@ -19,7 +30,6 @@ from importlib import resources
 
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import ConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -44,6 +54,12 @@ CLIENT_OPTS: dict[str, object] = {
     "retry": Retry(NoBackoff(), 0),
 }
 
+#: Bound on how long one node may take to answer ``CLUSTER NODES`` (the nodes are asked at
+#: once, so a black-holed one costs this much per resolution, not per node).
+ASK_TIMEOUT = 2.0
+#: Bound on the nodes a layout remembers (every node any answer named); a cluster has far
+#: fewer, this only stops a misbehaving one from growing the set without end.
+MAX_KNOWN = 1000
 #: The standalone layout (one shard): key prefix, history stream key, channel name.
 PREFIX = "{" + DEFAULT_TAG + "}"
 
@@ -68,7 +84,7 @@ class Shard:
 
     __slots__ = ("index", "tag", "prefix", "chan_prefix", "marker", "client", "node", "pubsub", "task",
                  "epoch", "up", "reconnects", "waits", "to_subscribe", "unsubscribing", "confirm_count",
-                 "synced_upto", "sync_next", "sync_running")
+                 "synced_upto", "sync_next", "sync_running", "slot", "down_since", "down_logged")
 
     def __init__(self, index: int, tag: str, worker_id: str) -> None:
         self.index = index
@@ -76,6 +92,8 @@ class Shard:
         self.prefix = "{" + tag + "}"
         self.chan_prefix = f"{self.prefix}:c:".encode()
         self.marker = f"{self.prefix}:m:{worker_id}"
+        #: the cluster slot of every key and channel of the shard
+        self.slot = key_slot(f"{self.prefix}:seq".encode())
         self.client: aioredis.Redis | None = None
         self.node = ""
         self.pubsub: aioredis.client.PubSub | None = None
@@ -93,6 +111,11 @@ class Shard:
         self.synced_upto = 0
         self.sync_next: asyncio.Future[None] | None = None
         self.sync_running = False
+        #: loop time the shard went down (None while up) and when that was last logged: a
+        #: shard that stays down is logged every ``DOWN_LOG_EVERY`` s, not per retry
+        #: (``redis_pubsub.py``)
+        self.down_since: float | None = None
+        self.down_logged = 0.0
 
     def stream_key(self, topic: str) -> str:
         return f"{self.prefix}:h:{topic}"
@@ -106,7 +129,20 @@ class Layout:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.cluster: RedisCluster | None = None
+        self.clustered = False
+        self._base: dict[str, object] = dict(parse_url(url))
+        #: "host:port" of every node ever named (the URL's first), in the order first seen
+        self.known: dict[str, tuple[str, int]] = {}
+        host, port = self._base.get("host"), self._base.get("port", 6379)
+        if isinstance(host, str) and isinstance(port, int):
+            self.known[f"{host}:{port}"] = (host, port)
+        #: one client per known node, for CLUSTER NODES
+        self._probes: dict[str, aioredis.Redis] = {}
+
+    def _client(self, host: str, port: int) -> aioredis.Redis:
+        kw = dict(self._base)
+        kw.update(host=host, port=port, **CLIENT_OPTS)
+        return aioredis.Redis.from_pool(ConnectionPool(**kw))  # closes its pool on aclose()
 
     async def tags(self) -> list[str]:
         """The shards' hash tags: ``[DEFAULT_TAG]`` on a standalone Redis."""
@@ -117,60 +153,151 @@ class Layout:
             await probe.aclose()
         if not info.get("cluster_enabled"):
             return [DEFAULT_TAG]
-        if self.cluster is None:
-            self.cluster = RedisCluster.from_url(self.url, socket_timeout=COMMAND_TIMEOUT,
-                                                 socket_connect_timeout=2.0)
-        cluster = self.cluster
-        await cluster.initialize()
-        raw = await cluster.get(SHARDS_KEY)
+        self.clustered = True
+        view = await self.view()
+        where = view.owner(key_slot(SHARDS_KEY.encode()))
+        if where is None:
+            raise RedisConnectionError(f"no cluster node serves {SHARDS_KEY} yet")
+        client = self._probe(where)
+        raw = await client.get(SHARDS_KEY)
         if raw is None:
-            await cluster.set(SHARDS_KEY, orjson.dumps(pick_tags(cluster)), nx=True)
-            raw = await cluster.get(SHARDS_KEY)
+            await client.set(SHARDS_KEY, orjson.dumps(pick_tags(view)), nx=True)
+            raw = await client.get(SHARDS_KEY)
         tags = orjson.loads(raw) if raw is not None else None
         if not isinstance(tags, list) or not tags or not all(isinstance(t, str) for t in tags):
             raise ResponseError(f"{SHARDS_KEY} holds {raw!r}, not a list of hash tags")
         return tags
 
     async def connect(self, s: Shard) -> aioredis.Redis:
-        """A client of the node serving the shard (re-resolved on every call on a cluster)."""
-        if self.cluster is None:
+        """A client of the node serving the shard (asked of the cluster on every call)."""
+        if not self.clustered:
             if s.client is None:
                 s.client = aioredis.Redis.from_url(self.url, **CLIENT_OPTS)  # type: ignore[arg-type]
                 s.node = self.url
             return s.client
-        await self.cluster.initialize()
-        node = self.cluster.get_node_from_key(f"{s.prefix}:seq")
-        if node is None:
-            raise RedisConnectionError(f"no cluster node serves {s.tag} yet")
-        where = f"{node.host}:{node.port}"
+        where = (await self.view()).owner(s.slot)
+        if where is None:
+            raise RedisConnectionError(f"no cluster node serves {s.tag} (slot {s.slot}) yet")
         if s.client is None or s.node != where:
             if s.client is not None:
                 await s.client.aclose()
-            kw: dict[str, object] = dict(parse_url(self.url))
-            kw.update(host=node.host, port=node.port, **CLIENT_OPTS)
-            s.client = aioredis.Redis.from_pool(ConnectionPool(**kw))  # closes its pool on aclose()
+            host, _, port = where.rpartition(":")
+            s.client = self._client(host, int(port))
             s.node = where
         return s.client
 
+    def _probe(self, where: str) -> aioredis.Redis:
+        client = self._probes.get(where)
+        if client is None:
+            host, _, port = where.rpartition(":")
+            client = self._probes[where] = self._client(host, int(port))
+        return client
+
+    async def view(self) -> View:
+        """Ask every known node for ``CLUSTER NODES`` at once and merge the answers.
+
+        Raises:
+            RedisConnectionError: no node answered.
+        """
+        asked = list(self.known)
+        answers = await asyncio.gather(*(self._ask(w) for w in asked))
+        view = View()
+        for where, text in zip(asked, answers, strict=True):
+            if text is not None:
+                view.add(where, text)
+        if not view.answered:
+            raise RedisConnectionError(f"no cluster node answered CLUSTER NODES (asked {', '.join(asked)})")
+        for where in view.nodes:
+            if where not in self.known and len(self.known) < MAX_KNOWN:
+                host, _, port = where.rpartition(":")
+                self.known[where] = (host, int(port))
+        return view
+
+    async def _ask(self, where: str) -> str | None:
+        try:
+            raw = await asyncio.wait_for(self._probe(where).execute_command("CLUSTER", "NODES"), ASK_TIMEOUT)
+        except (*UNREACHABLE, RedisError):
+            return None  # down, loading or not a cluster node: the others answer
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
     async def close(self) -> None:
-        if self.cluster is not None:
-            await self.cluster.aclose()
+        probes, self._probes = self._probes, {}
+        for client in probes.values():
+            await client.aclose()
 
 
-def pick_tags(cluster: RedisCluster) -> list[str]:
+class View:
+    """The cluster's slot owners as a set of nodes described them (``CLUSTER NODES``).
+
+    Every primary line's slot ranges are claims ``(config epoch, lo, hi, node)``; a slot's
+    owner is the claimant with the highest config epoch (then the one fewer nodes flag as
+    failing, then the one more nodes name).  Slots being migrated (``[...]``) are ignored: the
+    node that has them is the one that claims them."""
+
+    __slots__ = ("answered", "nodes", "claims")
+
+    def __init__(self) -> None:
+        self.answered: list[str] = []
+        #: "host:port" of every node named in any answer
+        self.nodes: set[str] = set()
+        #: (lo, hi, node) -> [config epoch, times named, times flagged failing]
+        self.claims: dict[tuple[int, int, str], list[int]] = {}
+
+    def add(self, asked: str, text: str) -> None:
+        """Merge one node's ``CLUSTER NODES`` answer (``asked``: the "host:port" asked)."""
+        self.answered.append(asked)
+        for line in text.splitlines():
+            f = line.split()
+            if len(f) < 8:
+                continue
+            flags = f[2].split(",")
+            addr = f[1].split("@", 1)[0]
+            host, _, port = addr.rpartition(":")
+            if "myself" in flags and not host:
+                addr = asked  # a node that has not learned its own address yet
+            elif not host or port in ("", "0") or "noaddr" in flags or "handshake" in flags:
+                continue
+            self.nodes.add(addr)
+            if "master" not in flags:
+                continue
+            failing = "fail" in flags or "fail?" in flags
+            for r in f[8:]:
+                if r.startswith("["):
+                    continue
+                lo, _, hi = r.partition("-")
+                c = self.claims.setdefault((int(lo), int(hi or lo), addr), [int(f[6]), 0, 0])
+                c[0] = max(c[0], int(f[6]))
+                c[1] += 1
+                c[2] += failing
+
+    def owner(self, slot: int) -> str | None:
+        """The "host:port" serving ``slot``, or None if no answer says anyone does."""
+        best: tuple[int, int, int] | None = None
+        where = None
+        for (lo, hi, addr), (epoch, named, failing) in self.claims.items():
+            if lo <= slot <= hi:
+                rank = (epoch, -failing, named)
+                if best is None or rank > best:
+                    best, where = rank, addr
+        return where
+
+    def primaries(self) -> set[str]:
+        """The nodes that own at least one slot (a stale claim of a demoted node is no owner)."""
+        owners = {self.owner(lo) for lo, _, _ in self.claims}
+        return {w for w in owners if w is not None}
+
+
+def pick_tags(view: View) -> list[str]:
     """One hash tag per primary, each in a slot that primary serves (so fan-out and history
     spread over the primaries as they are when the first worker starts)."""
-    primaries = {(n.host, n.port) for n in cluster.get_primaries()}
+    primaries = view.primaries()
     tags: list[str] = []
-    taken: set[tuple[str, int]] = set()
+    taken: set[str] = set()
     for i in range(100_000):
         tag = f"ssegw:{i}"
-        try:
-            node = cluster.nodes_manager.get_node_from_slot(key_slot(("{" + tag + "}").encode()))
-        except RedisError:  # a slot nobody serves: the cluster is not ready
-            node = None
-        if node is not None and (node.host, node.port) not in taken:
-            taken.add((node.host, node.port))
+        node = view.owner(key_slot(("{" + tag + "}").encode()))
+        if node is not None and node not in taken:
+            taken.add(node)
             tags.append(tag)
             if len(taken) == len(primaries):
                 return tags

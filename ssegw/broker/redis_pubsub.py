@@ -15,8 +15,15 @@ for what both halves use (``_read``, ``_id_at``, ``_set_epoch``).
   sequence received), then deliver messages as they come, pinging a silent connection.  Any
   error ends the session: the shard is down (its waiters fail, its topics unconfirmed) and
   the session starts again after a jittered backoff.
-- An unrequested SUNSUBSCRIBE means the slot moved to another node: reconnect (the layout
-  re-resolves the node) and let the gap fill cover the move.
+- An unrequested SUNSUBSCRIBE means the slot moved to another node (resharding, or a
+  failover demoted the node): reconnect (the layout asks the cluster who serves the slot now,
+  ``redis_layout.py``) and let the gap fill cover the move.  So do MOVED, READONLY and LOADING
+  answers and connection errors, on the session's own commands and on its periodic check
+  (``EXISTS`` of the shard's epoch every ``PING_EVERY`` s, busy or idle: a node that no longer
+  serves the slot answers MOVED).  On a cluster the retries are at most ``CLUSTER_BACKOFF_MAX``
+  apart, so a promoted replica is found within about that much of its promotion.
+- A shard that goes down is logged once, then every ``DOWN_LOG_EVERY`` s while it stays down
+  (never per retry), and once more when it is back, with how long it was down.
 - Syncs (several shards only): see "Several shards" in ``redis.py``.
 """
 
@@ -42,8 +49,15 @@ log = logging.getLogger("ssegw.redis")
 
 #: Reconnect backoff bounds (seconds); each wait is jittered by +-50%.
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 2.0
-#: Idle seconds on a pub/sub connection before we check Redis is still there.
+#: On a cluster, the longest wait between two reconnects of a shard (before jitter): after a
+#: failover the contract allows node-timeout + 5 s to serve again; promotion takes
+#: node-timeout + 1-2 s, so a retry every 0.25-0.75 s leaves room, and each costs one
+#: CLUSTER NODES per known node.
+CLUSTER_BACKOFF_MAX = 0.5
+#: Seconds between two checks that the session's node is there and still serves the shard.
 PING_EVERY = 3.0
+#: While a shard stays down, log it this often (seconds).
+DOWN_LOG_EVERY = 30.0
 
 
 class Listener:
@@ -207,24 +221,45 @@ class Listener:
 
     async def _run(self, s: Shard) -> None:
         backoff = BACKOFF_MIN
+        cap = CLUSTER_BACKOFF_MAX if self._layout.clustered else BACKOFF_MAX
         while not self._closed:
+            sessions = s.reconnects
             try:
                 await self._session(s)
             except asyncio.CancelledError:
                 raise
             except (*UNREACHABLE, RedisError) as e:
-                if s.up:
-                    log.warning("redis connection lost (%s): %s", s.tag, e)
                 self._down(s)
-            except Exception:  # a bug of ours: log it, reconnect rather than stop serving
+                self._unavailable(s, f"{type(e).__name__}: {e}")
+            except Exception as e:  # a bug of ours: log it, reconnect rather than stop serving
                 log.exception("redis reader failed (%s)", s.tag)
                 self._down(s)
+                self._unavailable(s, f"{type(e).__name__}: {e}")
             if self._closed:
                 return
+            if s.reconnects != sessions:
+                backoff = BACKOFF_MIN  # this session worked: its loss starts a new series
             await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
-            backoff = min(backoff * 2, BACKOFF_MAX)
-            if s.up:
-                backoff = BACKOFF_MIN
+            backoff = min(backoff * 2, cap)
+
+    def _unavailable(self, s: Shard, error: str) -> None:
+        """Log a shard going down, then every ``DOWN_LOG_EVERY`` s while it stays down."""
+        now = asyncio.get_running_loop().time()
+        if s.down_since is None:
+            s.down_since = s.down_logged = now
+            what = "unavailable" if s.reconnects else "not reachable yet"
+            log.warning("redis shard %s %s (node %s): %s", s.tag, what, s.node or "?", error)
+        elif now - s.down_logged >= DOWN_LOG_EVERY:
+            s.down_logged = now
+            log.warning("redis shard %s still unavailable after %.0f s (node %s): %s",
+                        s.tag, now - s.down_since, s.node or "?", error)
+
+    def _available(self, s: Shard, topics: int) -> None:
+        """Log a shard coming back (nothing on a first connect that worked at once)."""
+        if s.down_since is not None:
+            log.warning("redis shard %s available again on %s after %.1f s down (%d topics resubscribed)",
+                        s.tag, s.node, asyncio.get_running_loop().time() - s.down_since, topics)
+            s.down_since = None
 
     def _down(self, s: Shard) -> None:
         s.up = False
@@ -273,8 +308,7 @@ class Listener:
         for t in topics:
             self._confirm(t)
         await self._fill_gap(s, client, topics)
-        if s.reconnects:
-            log.info("redis reconnected (%s, %d topics resubscribed)", s.tag, len(topics))
+        self._available(s, len(topics))
         s.reconnects += 1
         self.reconnects += 1
         s.up = True
@@ -285,19 +319,20 @@ class Listener:
             await ps.ssubscribe(*(s.channel(t) for t in late))
         for m in buffered:
             self._on_message(s, m)
-        idle = 0.0
         chan_prefix = s.chan_prefix
+        epoch_key = f"{s.prefix}:epoch"
+        check_at = loop.time() + PING_EVERY
         while True:
             m = await ps.get_message(ignore_subscribe_messages=False, timeout=1.0)
+            if loop.time() >= check_at:
+                # A silent node may be a dead one (no FIN from a vanished host), and a node
+                # may stop serving the slot without a SUNSUBSCRIBE reaching us: ask it
+                # something about the shard's slot, busy or idle.  A node that no longer
+                # serves it answers MOVED; a failure raises and we reconnect.
+                await asyncio.wait_for(client.exists(epoch_key), COMMAND_TIMEOUT)
+                check_at = loop.time() + PING_EVERY
             if m is None:
-                # A silent connection may be a dead one (no FIN from a vanished host):
-                # ping it every few idle seconds; a failure raises and we reconnect.
-                idle += 1.0
-                if idle >= PING_EVERY:
-                    idle = 0.0
-                    await asyncio.wait_for(client.ping(), COMMAND_TIMEOUT)
                 continue
-            idle = 0.0
             typ = m["type"]
             if typ == "smessage":
                 self._on_message(s, m)
