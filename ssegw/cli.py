@@ -42,7 +42,8 @@ def make_broker(cfg: Config) -> Broker:
         from .broker.redis import RedisBroker
 
         max_ttl = max([cfg.history_ttl] + [r.history_ttl for r in cfg.topics if r.history_ttl is not None])
-        return RedisBroker(cfg.redis, settings, int(max_ttl * 1000))
+        return RedisBroker(cfg.redis, settings, int(max_ttl * 1000),
+                           wait_replicas=cfg.redis_wait_replicas, wait_timeout=cfg.redis_wait_timeout)
     from .broker.memory import MemoryBroker
 
     return MemoryBroker(settings, lambda: time.time_ns() // 1_000_000)

@@ -139,6 +139,9 @@ class Config:
     admin_port: int = 8081
     workers: int = 1
     redis: str = ""
+    #: None = "auto": 1 on a Redis shard that has a replica, else 0 (resolved by the broker)
+    redis_wait_replicas: int | None = None
+    redis_wait_timeout: float = 1.0
     flush_interval: float = 0.015
     heartbeat_interval: float = 15.0
     retry: float = 3.0
@@ -389,6 +392,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 "duration": "DURATION",
                 "size": "SIZE",
                 "int": "N",
+                "auto_int": "N|auto",
                 "float": "NUM",
                 "list": "A,B,...",
                 "choice": "|".join(key.choices),

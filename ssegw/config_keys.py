@@ -191,6 +191,21 @@ def _above(lo: float) -> Callable[[Any], str | None]:
     return lambda v: None if v > lo else f"must be > {lo}, got {v}"
 
 
+def _replicas(v: int | None) -> str | None:
+    return None if v is None or v >= 0 else f"must be >= 0 or \"auto\", got {v}"
+
+
+#: WAIT must answer inside the Redis client's socket timeout (5 s, ``COMMAND_TIMEOUT`` in
+#: ``ssegw/broker/redis_layout.py``), or a publish that waited would read as a lost reply.
+_WAIT_TIMEOUT_MAX = 4.0
+
+
+def _wait_timeout(v: float) -> str | None:
+    if 0 < v <= _WAIT_TIMEOUT_MAX:
+        return None
+    return f"must be > 0 and at most {_WAIT_TIMEOUT_MAX:g}s (below the 5s Redis command timeout), got {v}"
+
+
 def _nonempty(v: str) -> str | None:
     return None if v else "must not be empty"
 
@@ -242,7 +257,7 @@ def _publish_key(item: str) -> str:
 @dataclass(frozen=True, slots=True)
 class _Key:
     name: str  # dotted: "port", "auth.jwt_secret"
-    kind: str  # str int float bool duration size choice list
+    kind: str  # str int auto_int float bool duration size choice list
     help: str
     check: Callable[[Any], str | None] | None = None
     choices: tuple[str, ...] = ()  # for kind "choice"; the stored spelling
@@ -275,6 +290,13 @@ _KEYS: tuple[_Key, ...] = (
     _Key("admin_port", "int", "admin listener port", _between(0, 65535)),
     _Key("workers", "int", "worker processes (0 = one per CPU)", _at_least(0)),
     _Key("redis", "str", "Redis URL for clustering (empty = embedded broker)", _redis_url),
+    _Key(
+        "redis_wait_replicas",
+        "auto_int",
+        "replicas a publish must reach before its 200 (auto = 1 when the shard has a replica, else 0)",
+        _replicas,
+    ),
+    _Key("redis_wait_timeout", "duration", "how long a publish waits for those replicas (then 504)", _wait_timeout),
     _Key("flush_interval", "duration", "output coalescing delay", _between(0, 1)),
     _Key("heartbeat_interval", "duration", "heartbeat after this much silence", _above(0)),
     _Key("retry", "duration", "SSE reconnect hint sent to clients", _above(0)),
@@ -376,6 +398,14 @@ def _convert(key: _Key, raw: object, text: bool) -> Any:
         if isinstance(raw, bool) or not isinstance(raw, int):
             raise _Invalid(f"expected an integer, got {_show(raw)}")
         return raw
+    if kind == "auto_int":
+        # An int, or "auto" (stored as None: the broker decides per Redis shard).
+        if isinstance(raw, str) and raw.strip().lower() == "auto":
+            return None
+        try:
+            return _convert(_Key(key.name, "int", key.help), raw, text)
+        except _Invalid:
+            raise _Invalid(f"expected an integer or \"auto\", got {_show(raw)}") from None
     if kind == "float":
         if isinstance(raw, str) and text:
             if _FLOAT_RE.fullmatch(raw.strip()) is None:
@@ -485,6 +515,8 @@ def _render_value(key: _Key, value: Any) -> str:
         return "true" if value else "false"
     if key.kind == "duration":
         return _toml_duration(value)
+    if key.kind == "auto_int":
+        return '"auto"' if value is None else str(int(value))
     if key.kind in ("int", "size"):
         return str(int(value))
     if key.kind == "float":

@@ -94,3 +94,34 @@ class RedisServer:
     def restart(self) -> RedisServer:
         self.kill()
         return self.start()
+
+    def info(self, section: str) -> dict[str, str]:
+        """``INFO section`` as a dict of its ``name:value`` lines."""
+        raw = self.command("INFO", section).decode(errors="replace")
+        out: dict[str, str] = {}
+        for line in raw.splitlines():
+            name, sep, value = line.partition(":")
+            if sep and not line.startswith(("$", "#")):
+                out[name] = value.strip()
+        return out
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+def start_replica(primary: RedisServer, workdir: Path, timeout: float = 10.0) -> RedisServer:
+    """A ``redis-server`` replicating ``primary`` (no persistence), returned once the primary
+    counts it as an online replica.  The primary's full sync starts at once (its default
+    ``repl-diskless-sync-delay`` waits 5 s for more replicas to share the transfer)."""
+    primary.command("CONFIG", "SET", "repl-diskless-sync-delay", "0")
+    r = RedisServer(workdir, persist=False, extra=("--replicaof", "127.0.0.1", str(primary.port))).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (r.info("replication").get("master_link_status") == "up"
+                and "state=online" in primary.info("replication").get("slave0", "")):
+            return r
+        time.sleep(0.05)
+    r.stop()
+    raise RuntimeError(f"replica on {r.port} never came online behind {primary.port}")

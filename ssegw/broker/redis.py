@@ -59,6 +59,20 @@ cannot): if the first shard's call is refused, nothing was published (503); a fa
 after that is retried until resolved, and ends in 504 ``outcome_unknown`` if Redis stays
 away, never in a 503 that would hide published messages.
 
+Replicated 200s (``redis_wait_replicas``, ``redis_wait_timeout``).  A shard that must
+reach N replicas sends ``WAIT N timeout`` in the same pipeline as its FCALL -- one round trip,
+one connection (WAIT counts the replicas that acknowledged the *connection's* last write, so
+it must ride the FCALL's connection: a pooled ``client.wait()`` could pick another one).
+Fewer than N acknowledgements is ``PublishUnresolved`` (504: written on the primary, maybe
+lost by a failover), never a 200.  A retry whose token finds the first call's ids writes
+nothing, so the connection's offset need not cover that earlier write (Redis after 7.0 moves
+it only on a propagated write); the retry pipeline therefore also re-arms the token's expiry
+(a replicated write) before its WAIT.  ``auto`` (the default) is resolved per shard from
+``ROLE`` on the first publish after each (re)connect: 1 if the primary has a replica
+attached, else 0.  A shard once seen with a replica keeps requiring one (a replica that
+detached, or a freshly promoted primary whose replicas have not attached yet, is what WAIT
+is there to catch); a shard at 0 is asked again every ``AUTO_RECHECK`` s, in the background.
+
 Only Redis errors that mean "cannot reach Redis" become :class:`BrokerUnavailable` (503).
 """
 
@@ -75,6 +89,7 @@ import weakref
 import zlib
 from collections.abc import Callable
 
+import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
@@ -104,16 +119,24 @@ __all__ = ["PREFIX", "RedisBroker", "channel", "shard_index", "stream_key"]
 RESOLVE_TIMEOUT = 60.0
 #: Keep clock samples this much longer than the longest history_ttl.
 CLOCK_MARGIN_MS = 3_600_000
+#: The request token's life in ms (``redis_lib.lua`` sets it; a WAITed retry re-arms it).
+TOKEN_TTL_MS = 120_000
+#: How often a shard whose ``auto`` replica count resolved to 0 is asked again (seconds).
+AUTO_RECHECK = 10.0
 
 
 class RedisBroker(Listener):
     kind = "redis"
 
-    def __init__(self, url: str, settings: Callable[[str], tuple[int, int]], max_ttl_ms: int) -> None:
+    def __init__(self, url: str, settings: Callable[[str], tuple[int, int]], max_ttl_ms: int, *,
+                 wait_replicas: int | None = None, wait_timeout: float = 1.0) -> None:
         """Args:
             url: ``redis://host:port/db`` (or ``rediss://``, ``unix://``); on a cluster, any node.
             settings: topic -> (history_size, history_ttl_ms).
             max_ttl_ms: the longest history_ttl configured (clock samples are kept that long).
+            wait_replicas: replicas a publish must reach before it succeeds (``None``: auto,
+                1 on a shard with a replica, else 0).
+            wait_timeout: how long (seconds) a publish waits for them.
         """
         self.url = url
         self._settings = settings
@@ -149,6 +172,15 @@ class RedisBroker(Listener):
         self.gap_fills = 0
         self.gap_events = 0
         self.gap_lost = 0
+        self._wait_replicas = wait_replicas
+        self._wait_timeout_ms = max(1, round(wait_timeout * 1000))
+        #: per shard index: replicas a publish must reach (auto resolved), the shard's
+        #: ``reconnects`` when that was resolved, and when an auto 0 is asked again
+        self._need: dict[int, int] = {}
+        self._need_at: dict[int, int] = {}
+        self._need_next: dict[int, float] = {}
+        self._resolving: dict[int, asyncio.Future[int]] = {}
+        self.publish_unreplicated = 0
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -280,7 +312,11 @@ class RedisBroker(Listener):
             try:
                 if client is None:
                     raise RedisConnectionError("Error connecting to the shard's node")
-                res = await client.fcall("ssegw_publish", len(keys), *keys, *args)
+                need = await self._replicas_needed(s, client)
+                if need == 0:
+                    res = await client.fcall("ssegw_publish", len(keys), *keys, *args)
+                    break
+                res = await self._fcall_wait(client, keys, args, need, delay > 0.0)
                 break
             except UNREACHABLE as e:
                 if first and delay == 0.0 and "connecting to" in str(e):
@@ -314,6 +350,94 @@ class RedisBroker(Listener):
                                         f"in flight: {err}") from None
             await asyncio.sleep(delay)
         return [int(x) for x in res[1:]]
+
+    async def _fcall_wait(self, client: aioredis.Redis, keys: list[str], args: list[object], need: int,
+                          retry: bool) -> list:
+        """The FCALL and ``WAIT need timeout`` in one pipeline, so on one connection (see
+        "Replicated 200s" above).  Raises what the FCALL raised (the caller's retry logic
+        reads it as before), or ``PublishUnresolved`` when the write is on the primary but
+        fewer than ``need`` replicas acknowledged it in time."""
+        pipe = client.pipeline(transaction=False)
+        pipe.fcall("ssegw_publish", len(keys), *keys, *args)
+        if retry:
+            # The token may return an earlier attempt's ids without writing anything, and WAIT
+            # waits for the connection's replication offset, which Redis 7.0 moves after every
+            # command but later versions only after one that propagated: on this fresh
+            # connection that could be nothing, and a lagging replica would count as caught up.
+            # Touch the token (propagated as PEXPIREAT) so the offset is past that write.
+            pipe.pexpire(keys[3], TOKEN_TTL_MS)
+        pipe.wait(need, self._wait_timeout_ms)
+        # raise_on_error=False: redis-py would otherwise put the whole command (every
+        # message body) into the error text.
+        out = await pipe.execute(raise_on_error=False)
+        res, acked = out[0], out[-1]
+        if isinstance(res, Exception):
+            raise res
+        if isinstance(acked, Exception) or int(acked) < need:
+            self.publish_errors += 1
+            self.publish_unreplicated += 1
+            got = f"refused: {acked}" if isinstance(acked, Exception) else int(acked)
+            raise PublishUnresolved(
+                f"written on the primary but acknowledged by {got} of {need} replicas within "
+                f"{self._wait_timeout_ms} ms (redis_wait_timeout); a failover may lose it") from None
+        return res
+
+    async def _replicas_needed(self, s: Shard, client: aioredis.Redis) -> int:
+        """How many replicas a publish on ``s`` must reach: ``redis_wait_replicas``, or for
+        ``auto`` the value resolved on the first publish since the shard (re)connected."""
+        if self._wait_replicas is not None:
+            return self._wait_replicas
+        k = s.index
+        need = self._need.get(k)
+        loop = asyncio.get_running_loop()
+        if need is not None and self._need_at.get(k) == s.reconnects:
+            if need == 0 and loop.time() >= self._need_next.get(k, 0.0) and k not in self._resolving:
+                # A replica may have attached since: look again without holding this publish.
+                self._need_next[k] = loop.time() + AUTO_RECHECK
+                self._start_resolve(s, client)
+            return need
+        fut = self._resolving.get(k) or self._start_resolve(s, client)
+        return await asyncio.shield(fut)
+
+    def _start_resolve(self, s: Shard, client: aioredis.Redis) -> asyncio.Future[int]:
+        k = s.index
+        fut: asyncio.Future[int] = asyncio.ensure_future(self._resolve_need(s, client))
+        self._resolving[k] = fut
+
+        def done(f: asyncio.Future[int]) -> None:
+            if self._resolving.get(k) is f:
+                del self._resolving[k]
+            if not f.cancelled() and f.exception() is not None:
+                log.debug("redis ROLE failed (%s): %s", s.tag, f.exception())
+        fut.add_done_callback(done)
+        return fut
+
+    async def _resolve_need(self, s: Shard, client: aioredis.Redis) -> int:
+        """``auto``: ask the shard's primary how many replicas it has attached (``ROLE``)."""
+        k, at = s.index, s.reconnects
+        old = self._need.get(k, 0)
+        try:
+            role = await client.execute_command("ROLE")
+        except ResponseError as e:  # e.g. an ACL without ROLE: keep what we had
+            log.warning("redis refused ROLE on %s (%s): redis_wait_replicas auto stays %d; set it "
+                        "explicitly", s.tag, e, old)
+            role = None
+        need = old
+        if role is not None and role[0] in (b"master", "master"):
+            attached = len(role[2])
+            # Never down: a replica that detached (or has not attached yet to a freshly
+            # promoted primary) is exactly when an unreplicated 200 would be a lie.
+            need = max(old, min(1, attached))
+            if need > attached:
+                log.warning("redis %s: %d replicas attached, a publish waits for %d (auto): publishes "
+                            "answer 504 until one catches up (redis_wait_replicas = 0 accepts "
+                            "primary-only writes)", s.tag, attached, need)
+        if k not in self._need or need != old:
+            log.info("redis %s: a publish waits for %d replicas (redis_wait_replicas auto)", s.tag, need)
+        self._need[k] = need
+        self._need_at[k] = at
+        self._need_next[k] = asyncio.get_running_loop().time() + AUTO_RECHECK
+        return need
 
     # -- ids --------------------------------------------------------------------------
 
@@ -505,6 +629,7 @@ class RedisBroker(Listener):
             "reconnects": max(0, self.reconnects - len(self.shards)),
             "publish_errors": self.publish_errors,
             "publish_retries": self.publish_retries,
+            "publish_unreplicated": self.publish_unreplicated,
             "gap_fills": self.gap_fills,
             "gap_events": self.gap_events,
             "gap_lost": self.gap_lost,
