@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from typing import Protocol, cast
 
 import h11
@@ -145,7 +146,9 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         # create_server / create_unix_server hand a stream protocol a full Transport.
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        self.ip = peer[0] if peer else ""
+        # One string per client address, not one per connection (~60 B each; many streams
+        # share an address behind NAT or a proxy).  Addresses are a bounded set.
+        self.ip = sys.intern(peer[0]) if peer else ""
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.w.cfg.max_head_size)
         self.w.on_connect(self)
 
