@@ -179,7 +179,6 @@ class Context:
         p.due_ms = now + self.head_ms
         assert self.wheel is not None
         p.timer = self.wheel.schedule(p.due_ms, T_HEAD, p)
-        self.flow.socket_options(p, self.hb_ms)
 
     def on_closing(self, p: HTTPProtocol) -> None:
         self._detach(p)

@@ -181,17 +181,17 @@ class Flow:
 
     # -- sockets ----------------------------------------------------------------------
 
-    def socket_options(self, p: HTTPProtocol, hb_ms: int) -> None:
-        """Send-side limits and dead-peer detection for an accepted public socket.
+    def socket_options(self, sock: socket.socket, hb_ms: int) -> None:
+        """Send-side limits and dead-peer detection, set on a public *listening* socket:
+        Linux copies them to every socket it accepts (checked in tests/test_flow_sockets.py),
+        so an accepted connection needs no setsockopt -- and no per-connection socket object
+        (uvloop caches one, ~90 B, once ``get_extra_info("socket")`` is asked for).
 
         Heartbeats keep data in flight on every stream at least every heartbeat_interval;
         TCP_USER_TIMEOUT aborts the connection when data stays unacknowledged for the stall
         timeout, so a black-holed client is gone within heartbeat_interval + that.
         Keepalive probes cover connections with nothing in flight (a request being read).
         """
-        sock = p.transport.get_extra_info("socket")
-        if sock is None:
-            return
         idle = max(1, hb_ms // 1000)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
@@ -200,7 +200,7 @@ class Flow:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 3))
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self.stall_ms)
-        except (OSError, AttributeError):  # not TCP (tests over unix sockets) or not Linux
+        except (OSError, AttributeError):  # not TCP (a unix socket) or not Linux
             pass
 
     def user_timeout(self, p: HTTPProtocol, on: bool) -> None:

@@ -124,6 +124,7 @@ class Worker(Context):
         if public_socks is None:
             public_socks = [bind_socket(cfg.host, cfg.port)]
         for s in public_socks:
+            self.flow.socket_options(s, self.hb_ms)  # inherited by every accepted socket
             self.servers.append(await loop.create_server(lambda: HTTPProtocol(self, False), sock=s, backlog=4096))
         if control_path is not None:
             self.admin_servers.append(await loop.create_unix_server(lambda: HTTPProtocol(self, True), path=control_path))
