@@ -4,32 +4,16 @@ output and round trip, and the values handed to the Redis broker."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import textwrap
 import tomllib
 
 import pytest
+from test_config import load_args
+from test_config import write as write  # a fixture, used by name
 
 from ssegw.cli import main as cli_main
 from ssegw.cli import make_broker
-from ssegw.config import Config, ConfigError, add_arguments, load, load_file, render
-
-
-def load_args(argv: list[str], environ: dict[str, str] | None = None) -> Config:
-    p = argparse.ArgumentParser(prog="ssegw")
-    add_arguments(p)
-    return load(p.parse_args(argv), environ or {})
-
-
-@pytest.fixture
-def write(tmp_path):
-    def _write(text: str, name: str = "ssegw.toml") -> str:
-        path = tmp_path / name
-        path.write_text(textwrap.dedent(text), encoding="utf-8")
-        return str(path)
-
-    return _write
+from ssegw.config import Config, ConfigError, load_file, render
 
 
 def test_defaults_are_auto_and_one_second():
