@@ -205,3 +205,26 @@ def test_retry_resolved_by_token_is_waited_too(gateway, pair) -> None:
         assert history(primary.port, topic) == [b"data: first\n", b"data: lost-reply\n"]
         assert g.stats()["broker"]["publish_retries"] >= 1
         assert elapsed < 6, elapsed
+
+
+def test_auto_follows_a_replica_that_leaves(gateway, pair) -> None:
+    """``auto`` is asked again every 10 s, down as well as up: a replica that goes away (or a
+    just-promoted primary whose replicas have not attached yet) costs 504s for at most about
+    that long, then the primary's 200s with a warning in the log -- a failover must not turn
+    into a shard that refuses every publish until an operator steps in."""
+    primary, replica = pair
+    g = start(gateway, primary.url)
+    topic = new_topic("leave")
+    assert g.publish({"topic": topic, "data": "with"}).status == 200
+    replica.stop()
+    t0 = time.monotonic()
+    statuses: list[int] = []
+    while time.monotonic() - t0 < 25:
+        statuses.append(g.publish({"topic": topic, "data": f"p{len(statuses)}"}).status)
+        if statuses[-1] == 200:
+            break
+        time.sleep(0.3)
+    took = time.monotonic() - t0
+    assert statuses[-1] == 200 and set(statuses[:-1]) <= {504}, statuses
+    assert took < 16, f"primary-only 200s only after {took:.1f}s"
+    assert wait_until(lambda: any("no replica attached" in line for line in g.log), 5), "".join(g.log[-10:])

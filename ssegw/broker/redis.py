@@ -69,9 +69,11 @@ nothing, so the connection's offset need not cover that earlier write (Redis aft
 it only on a propagated write); the retry pipeline therefore also re-arms the token's expiry
 (a replicated write) before its WAIT.  ``auto`` (the default) is resolved per shard from
 ``ROLE`` on the first publish after each (re)connect: 1 if the primary has a replica
-attached, else 0.  A shard once seen with a replica keeps requiring one (a replica that
-detached, or a freshly promoted primary whose replicas have not attached yet, is what WAIT
-is there to catch); a shard at 0 is asked again every ``AUTO_RECHECK`` s, in the background.
+attached, else 0, and asked again every ``AUTO_RECHECK`` s in the background.  So a replica
+that detaches, or a primary just promoted whose replicas have not attached yet, costs 504s
+for at most that long, and then the shard serves primary-only 200s (logged as a warning)
+rather than no 200 at all until an operator steps in: a failover must not become an outage.
+Set ``redis_wait_replicas`` explicitly to require replicas whatever happens.
 
 Only Redis errors that mean "cannot reach Redis" become :class:`BrokerUnavailable` (503).
 """
@@ -391,8 +393,9 @@ class RedisBroker(Listener):
         need = self._need.get(k)
         loop = asyncio.get_running_loop()
         if need is not None and self._need_at.get(k) == s.reconnects:
-            if need == 0 and loop.time() >= self._need_next.get(k, 0.0) and k not in self._resolving:
-                # A replica may have attached since: look again without holding this publish.
+            if loop.time() >= self._need_next.get(k, 0.0) and k not in self._resolving:
+                # A replica may have attached or left since: look again without holding
+                # this publish.
                 self._need_next[k] = loop.time() + AUTO_RECHECK
                 self._start_resolve(s, client)
             return need
@@ -424,14 +427,11 @@ class RedisBroker(Listener):
             role = None
         need = old
         if role is not None and role[0] in (b"master", "master"):
-            attached = len(role[2])
-            # Never down: a replica that detached (or has not attached yet to a freshly
-            # promoted primary) is exactly when an unreplicated 200 would be a lie.
-            need = max(old, min(1, attached))
-            if need > attached:
-                log.warning("redis %s: %d replicas attached, a publish waits for %d (auto): publishes "
-                            "answer 504 until one catches up (redis_wait_replicas = 0 accepts "
-                            "primary-only writes)", s.tag, attached, need)
+            need = min(1, len(role[2]))
+            if need < old:
+                log.warning("redis %s: no replica attached: publishes are acknowledged by the primary "
+                            "only until one attaches (a failover may lose them; set "
+                            "redis_wait_replicas to require replicas)", s.tag)
         if k not in self._need or need != old:
             log.info("redis %s: a publish waits for %d replicas (redis_wait_replicas auto)", s.tag, need)
         self._need[k] = need
