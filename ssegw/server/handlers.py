@@ -268,6 +268,8 @@ def _start(w: Context, p: HTTPProtocol, replay: Replay, principal: object, cors:
     now = w.now_ms()
     p.start_stream(_STREAM_HEADERS + cors, b"".join(parts))
     p.last_write_ms = p.progress_ms = now
+    if p.wpaused and w.fanout.conflate_only(p):
+        w.flow.user_timeout(p, False)  # paused before it was a stream: see Context.on_pause
     if owed and w.fanout.hold(p, owed, now, True):
         w.drop(p, "buffer")
         return
