@@ -1,4 +1,4 @@
-"""Scale-out benchmarks (issue 3): ``python bench/scale.py {workers,rediscost,capacity} [options]``.
+"""Scale-out benchmarks: ``python bench/scale.py {workers,rediscost,capacity} [options]``.
 
 - ``workers``: for each worker count (default 1, 2, 4) a fresh ``redis-server`` and a
   gateway ``serve --workers N --redis ...``; 10,000 subscribers on one topic; the publish

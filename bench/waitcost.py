@@ -1,4 +1,4 @@
-"""What ``WAIT`` costs a publish (issue 8 part 3): ``python bench/waitcost.py [options]``.
+"""What ``WAIT`` costs a publish: ``python bench/waitcost.py [options]``.
 
 One gateway worker on a primary ``redis-server`` with one replica (``replicaof``, both
 without persistence, on loopback), published to by the paced batch publisher of

@@ -1,6 +1,6 @@
 """Configuration: defaults < TOML file < ``SSEGW_*`` environment < command-line flags.
 
-Strategy (CONTRACT.md "Configuration"):
+Strategy (docs/api.md "Configuration"):
 - What each key is called, its kind, its check and how its value is parsed and written lives in
   one declarative table in :mod:`ssegw.config_keys`; this module owns the frozen result
   (:class:`Config`, :class:`AuthConfig`, :class:`TopicRule`, whose fields carry the defaults),

@@ -1,4 +1,4 @@
-"""Config keys ``redis_wait_replicas`` and ``redis_wait_timeout`` (CONTRACT.md "Redis
+"""Config keys ``redis_wait_replicas`` and ``redis_wait_timeout`` (docs/api.md "Redis
 failover", "Configuration"): file, env and flag spellings, their checks, ``check-config``
 output and round trip, and the values handed to the Redis broker."""
 

@@ -1,4 +1,4 @@
-"""End-to-end tests of the admin listener (CONTRACT.md "Listeners" and "Admin")."""
+"""End-to-end tests of the admin listener (docs/api.md "Listeners" and "Admin")."""
 
 from __future__ import annotations
 

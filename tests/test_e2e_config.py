@@ -1,4 +1,4 @@
-"""End-to-end tests of configuration (CONTRACT.md "Configuration"): ``ssegw check-config`` and
+"""End-to-end tests of configuration (docs/api.md "Configuration"): ``ssegw check-config`` and
 ``ssegw serve`` run as real subprocesses, and precedence observed on a running gateway."""
 
 from __future__ import annotations

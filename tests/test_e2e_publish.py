@@ -1,4 +1,4 @@
-"""End-to-end tests of ``POST /publish`` (CONTRACT.md "Publish" and the CORS part of
+"""End-to-end tests of ``POST /publish`` (docs/api.md "Publish" and the CORS part of
 "Admission and abuse control"), over real sockets against real gateway processes."""
 
 from __future__ import annotations

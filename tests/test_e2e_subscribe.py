@@ -1,4 +1,4 @@
-"""End-to-end tests of ``GET /events`` (CONTRACT.md "Subscribe" and "Ids, history and resume").
+"""End-to-end tests of ``GET /events`` (docs/api.md "Subscribe" and "Ids, history and resume").
 
 Every test talks to a real gateway process over real sockets (``harness``), and parses what
 it receives with the independent spec parser (``sse_parser``).  Topics are unique per test,

@@ -1,4 +1,4 @@
-"""What ``POST /publish`` answers when Redis goes away around the publish (CONTRACT.md
+"""What ``POST /publish`` answers when Redis goes away around the publish (docs/api.md
 "Publish": 200 only once accepted; 503 means nothing of the request was published).
 
 A real ``redis-server`` sits behind ``faultproxy.FaultProxy``; the gateway's ``--redis`` URL

@@ -4,7 +4,7 @@ What the cluster layout promises (ssegw/broker/redis.py, "Several shards"): one 
 primary, chosen once and stored in ``ssegw:shards``; topic -> shard is ``crc32 % nshards``;
 each shard has its own sequence, epoch, history streams and *sharded* pub/sub; ids are vectors
 ``EPOCH-S0.S1.S2`` that may differ between gateways for the same event, each a correct resume
-point.  And what the contract promises on top of it (CONTRACT.md "Ids, history and resume",
+point.  And what the contract promises on top of it (docs/api.md "Ids, history and resume",
 "Publish"): fan-out across gateways, exact resume on any gateway, ``ssegw.reset`` rather than a
 silent gap, 503 means nothing was published.
 

@@ -1,5 +1,5 @@
 """End-to-end tests of clustering over Redis: real gateway processes started with
-``--redis URL`` on a real ``redis-server`` (CONTRACT.md "Ids, history and resume": resume
+``--redis URL`` on a real ``redis-server`` (docs/api.md "Ids, history and resume": resume
 "on any worker and any host of the cluster"; "Admin": subscriber counts "across the
 cluster"; "Publish": backends "may also publish straight into Redis").
 

@@ -1,6 +1,6 @@
 """Redis Cluster failovers under publishing load: the gateway follows the promoted replica.
 
-CONTRACT.md "Redis failover": the gateway serves again within the cluster's node timeout + 5 s
+docs/api.md "Redis failover": the gateway serves again within the cluster's node timeout + 5 s
 after a primary changes, planned or not; acknowledged events are delivered exactly once, in
 order, and a 503 means nothing was published.  Each test starts its own 3 primaries + 3
 replicas cluster (``cluster-node-timeout`` 2000 ms, tests/redis_cluster_harness.py) and two

@@ -4,7 +4,7 @@
   middle of a publishing run, several times: while Redis is gone ``/publish`` and
   ``/readyz`` answer 503, open streams stay open with heartbeats, and afterwards every
   subscriber has received every event whose publish got a 2xx -- in order, exactly once
-  (CONTRACT.md "Publish": a 503 means nothing was published; "Ids, history and resume").
+  (docs/api.md "Publish": a 503 means nothing was published; "Ids, history and resume").
 - Redis coming back *without* its data: the gap cannot be filled, so open streams are
   closed and a client resuming with its last id gets ``event: ssegw.reset``.
 """

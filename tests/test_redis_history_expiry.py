@@ -1,4 +1,4 @@
-"""Resume after a topic's Redis history expired (CONTRACT.md "Ids, history and resume": where
+"""Resume after a topic's Redis history expired (docs/api.md "Ids, history and resume": where
 history no longer covers the gap, the stream opens with ``event: ssegw.reset`` -- never a
 silent gap).
 

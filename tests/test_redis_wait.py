@@ -1,4 +1,4 @@
-"""A 200 that means replicated (CONTRACT.md "Redis failover"; issue 8 part 3): with
+"""A 200 that means replicated (docs/api.md "Redis failover"): with
 ``redis_wait_replicas`` >= 1 (auto: 1 when the shard has a replica) a publish answers 200
 only once that many replicas acknowledged it within ``redis_wait_timeout``, else 504
 ``outcome_unknown``; with 0, or no replica, it is the primary's word alone.

@@ -1,6 +1,6 @@
 """Regression tests for defects of the first connection lifecycle and fan-out.
 
-Each test tries to get past one promise of CONTRACT.md the way a hostile or unlucky client
+Each test tries to get past one promise of docs/api.md the way a hostile or unlucky client
 would, and asserts what the contract promises.  Every one of them failed on the code before
 the rewrite (commit 757ab78), each for the reason its docstring names; see the note at the
 end of each docstring for the failure it showed there.

@@ -1,6 +1,6 @@
 """Topic names and topic patterns.
 
-Rules (CONTRACT.md "Topic names"):
+Rules (docs/api.md "Topic names"):
 - a topic name is 1..128 characters of ``A-Z a-z 0-9 _ - . : @ /``; segments are separated by ``.``;
 - a pattern is a dot-separated list of segments where ``*`` matches exactly one segment,
   ``>`` as the *last* segment matches one or more segments (``>`` alone matches every topic),

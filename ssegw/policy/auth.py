@@ -1,6 +1,6 @@
 """Authentication and topic authorization: (headers, keys, now) -> Principal or error.
 
-Strategy (CONTRACT.md "Auth"):
+Strategy (docs/api.md "Auth"):
 - One JWT algorithm is fixed by configuration and it is the *only* one ``jwt.decode`` accepts,
   so ``alg: none`` and RS/HS confusion (an HS256 token "signed" with our RSA public key) are
   refused by PyJWT's algorithm allow-list before any key is used.  Asymmetric keys are parsed

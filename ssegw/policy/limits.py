@@ -1,6 +1,6 @@
 """Admission and abuse control: IP filters, client address, connection rate and count caps.
 
-Strategy (CONTRACT.md "Admission and abuse control"):
+Strategy (docs/api.md "Admission and abuse control"):
 - Addresses are parsed with :mod:`ipaddress`; an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``,
   what a dual-stack socket reports for IPv4 peers) is the IPv4 address.  Anything unparsable is
   refused, never guessed at.

@@ -1,4 +1,4 @@
-"""Routes of the public and admin listeners (CONTRACT.md: Subscribe, Publish, Admin).
+"""Routes of the public and admin listeners (docs/api.md: Subscribe, Publish, Admin).
 
 Every handler either answers through the protocol (``respond*``/``start_stream``) or raises
 a :class:`~ssegw.core.errors.ProtocolError`, which the protocol turns into the status and
