@@ -70,6 +70,7 @@ _REASONS = {
     413: b"Content Too Large", 414: b"URI Too Long", 415: b"Unsupported Media Type",
     429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 501: b"Not Implemented", 503: b"Service Unavailable",
+    505: b"HTTP Version Not Supported",
 }
 _SERVER = (b"server", b"ssegw")
 
@@ -273,8 +274,15 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             self.w.count_protocol_error()
             self._refuse(431, "header_too_large", f"request head is larger than max_head_size ({cfg.max_head_size} bytes)")
             return
+        if req.http_version not in (b"1.1", b"1.0"):
+            # h11 parses any HTTP/x.y; we speak 1.0 and 1.1 only (RFC 9110 15.6.6).
+            self.w.count_protocol_error()
+            self._refuse(505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
+            return
+        framing = 0
         for name, value in req.headers:
             if name == b"content-length":
+                framing |= 1
                 try:
                     n = int(value)
                 except ValueError:
@@ -282,6 +290,18 @@ class HTTPProtocol(Conn, asyncio.Protocol):
                 if n > cfg.max_body:
                     self._refuse(413, "payload_too_large", f"body is over max_body ({cfg.max_body} bytes)")
                     return
+            elif name == b"transfer-encoding":
+                framing |= 2
+        if framing == 3:
+            # Both framings: the classic request-smuggling shape.  h11 would let
+            # Transfer-Encoding win (RFC 9112 6.3 allows that), but an intermediary may have
+            # read it the other way; refuse and close, so nothing behind it on this
+            # connection is ever executed (RFC 9112 6.1: "ought to be handled as an error").
+            # h11 itself refuses duplicated Transfer-Encoding and contradictory
+            # Content-Length lines; identical Content-Length lines it reads as one.
+            self.w.count_protocol_error()
+            self._refuse(400, "bad_framing", "request has both Content-Length and Transfer-Encoding")
+            return
         if self.h11 is not None and self.h11.they_are_waiting_for_100_continue:
             self.transport.write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
 

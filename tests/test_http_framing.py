@@ -1,0 +1,46 @@
+"""HTTP framing at the edge: only HTTP/1.0 and 1.1, and no ambiguous request bodies.
+
+A request with both ``Content-Length`` and ``Transfer-Encoding`` (whatever their spelling:
+folded, cased) is the classic request-smuggling shape: it is answered 400 and the connection
+closed, so nothing pipelined behind it is executed.  Versions other than 1.0 and 1.1 get 505.
+Real gateway, raw bytes on a socket.
+"""
+
+from __future__ import annotations
+
+import pytest
+from harness import raw_exchange
+
+NEXT = b"OPTIONS /events HTTP/1.1\r\nHost: x\r\n\r\n"  # would be answered 204 if it were executed
+
+
+def statuses(raw: bytes) -> list[int]:
+    return [int(line.split()[1]) for line in raw.split(b"\r\n") if line.startswith(b"HTTP/1.")]
+
+
+@pytest.mark.parametrize(
+    "te",
+    [b"Transfer-Encoding: chunked\r\n", b"Transfer-Encoding:\r\n chunked\r\n", b"transfer-encoding: CHUNKED\r\n"],
+    ids=["plain", "folded", "cased"],
+)
+def test_content_length_with_transfer_encoding_is_refused_and_closed(gw, te: bytes) -> None:
+    body = b'{"topic":"smuggle.t","data":"x"}'
+    req = (b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n" % (len(body) + 5) + te + b"\r\n"
+           + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    out = raw_exchange(gw.port, req + NEXT)
+    assert statuses(out) == [400], out[:300]
+    assert b"bad_framing" in out and b"connection: close" in out.lower()
+
+
+@pytest.mark.parametrize("version", [b"HTTP/9.9", b"HTTP/2.0", b"HTTP/1.2"])
+def test_other_http_versions_get_505(gw, version: bytes) -> None:
+    out = raw_exchange(gw.port, b"GET /events?topic=v.t " + version + b"\r\nHost: x\r\n\r\n" + NEXT)
+    assert statuses(out) == [505], out[:300]
+    assert b"http_version_not_supported" in out
+
+
+def test_http10_and_http11_are_served(gw) -> None:
+    for v in (b"HTTP/1.0", b"HTTP/1.1"):
+        out = raw_exchange(gw.port, b"OPTIONS /events " + v + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert statuses(out) == [204], out[:300]
