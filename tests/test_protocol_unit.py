@@ -753,3 +753,18 @@ def test_stream_started_on_a_paused_transport_stays_held() -> None:
     p, t, w = connect(handler=paused_streamer)
     feed(p, [get("/events?topic=a")])
     assert p.state == STREAM and p.wpaused and p.route == HOLD  # the fan-out holds, not writes
+
+
+def test_a_handler_bug_is_logged_without_the_query_string(caplog: pytest.LogCaptureFixture) -> None:
+    """The 500 path logs the request, but never its query string: ``?token=`` carries a JWT."""
+
+    def buggy(p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
+        raise KeyError("a bug of ours")
+
+    p, t, w = connect(handler=buggy)
+    with caplog.at_level("ERROR", logger="ssegw.http"):
+        feed(p, [get("/events?topic=a&token=eyJhbGciOiJIUzI1NiJ9.secret.sig")])
+    assert responses(t.data)[0].status == 500
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "handler failed for GET /events" in logged
+    assert "token" not in logged and "secret" not in logged

@@ -319,7 +319,9 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         except ProtocolError as e:
             self.respond_error(e)
         except Exception:  # a bug of ours: log it with its traceback, answer 500, keep serving
-            log.exception("handler failed for %s %s", req.method.decode("latin-1"), req.target[:200].decode("latin-1"))
+            # The path only: a query string can carry a token (?token=...).
+            path = req.target.partition(b"?")[0][:200].decode("latin-1")
+            log.exception("handler failed for %s %s", req.method.decode("latin-1"), path)
             self.respond_internal("internal server error")
 
     # -- answers ----------------------------------------------------------------------
