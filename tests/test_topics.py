@@ -202,3 +202,19 @@ def test_literal_pattern_matches_only_itself(segs: list[str]) -> None:
     assert not p.matches(topic + "x")
     if len(segs) > 1:
         assert not p.matches(".".join(segs[:-1]))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "topic"),
+    [("prices.*", "prices."), ("*.x", ".x"), ("a.*.c", "a..c"), ("a.>", "a."), ("a.>", "a.b."), (">", ".")],
+)
+def test_wildcards_never_match_an_empty_segment(pattern: str, topic: str) -> None:
+    """``*`` is exactly one segment and ``>`` one or more: an empty segment is none (a
+    ``prices.*`` token must not subscribe to ``prices.``)."""
+    assert not Pattern(pattern).matches(topic)
+
+
+def test_wildcards_still_match_real_segments() -> None:
+    assert Pattern("prices.*").matches("prices.AAPL")
+    assert Pattern("a.>").matches("a.b.c")
+    assert Pattern(">").matches("x")

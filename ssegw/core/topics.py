@@ -67,8 +67,12 @@ class Pattern:
                 return False
         elif len(segs) != n:
             return False
+        if self.tail and "" in segs[n:]:
+            return False  # '>' stands for one or more segments, never an empty one
         for want, got in zip(self.segments, segs, strict=False):
             if want == "*":
+                if not got:
+                    return False  # '*' is exactly one segment: "prices.*" is not "prices."
                 continue
             if "{sub}" in want:
                 if not sub:
