@@ -67,8 +67,6 @@ class Pattern:
                 return False
         elif len(segs) != n:
             return False
-        if self.tail and "" in segs[n:]:
-            return False  # '>' stands for one or more segments, never an empty one
         for want, got in zip(self.segments, segs, strict=False):
             if want == "*":
                 if not got:
