@@ -198,9 +198,12 @@ def test_stalled_head_is_disconnected_after_head_timeout(hg: Gateway):
 
 
 def test_silent_client_is_disconnected(hg: Gateway):
+    before = hg.stats()["head_timeouts"]
     with connect(hg) as s:
         data, took = read_until_closed(s, HEAD_TIMEOUT + 3)
     _assert_head_timeout(data, took)
+    # Counted like any head timeout (ssegw_head_timeouts_total): slowloris starts silent.
+    assert hg.stats()["head_timeouts"] == before + 1
     assert_alive(hg)
 
 

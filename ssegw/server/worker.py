@@ -357,7 +357,11 @@ class Worker(Context):
         if now < p.due_ms:  # the deadline moved since this entry was armed (keep-alive)
             p.timer = wheel.schedule(p.due_ms, T_HEAD, p)
         elif p.state == HEAD and p.line == 0:
-            p.close()  # idle keep-alive connection: nothing to answer
+            # Nothing of a request: an idle keep-alive connection, or one that never sent a
+            # byte (that one is a head timeout too: slowloris starts that way).
+            if not p.served:
+                self.head_timeouts += 1
+            p.close()
         else:
             self.head_timeouts += 1
             p._refuse(408, "request_timeout", f"request not received within head_timeout ({self.cfg.head_timeout}s)")
