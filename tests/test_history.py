@@ -443,3 +443,30 @@ def test_every_resume_point_replays_exactly_what_followed(
         all_t = [q for q, tt in published if tt == t]
         mine = [e.seq for e in earliest.events if e.topic == t]
         assert mine == all_t[len(all_t) - len(mine) :] and len(mine) >= min(size, len(all_t))
+
+
+def test_topic_budget_forgets_the_least_recently_published_topic() -> None:
+    """Spraying one-off topics cannot grow history without bound: past ``max_topics`` the
+    topic published to least recently is forgotten, and a resume on it is not covered
+    (``ssegw.reset``), while a topic still being published stays."""
+    store = HistoryStore(settings_for({}, (100, 0)), max_topics=3)
+    seq = 0
+
+    def pub(topic: str) -> int:
+        nonlocal seq
+        seq += 1
+        store.append(ev(seq, topic), 0)
+        return seq
+
+    pub("ticker")
+    a = pub("spray.1")
+    pub("spray.2")
+    pub("ticker")  # the ticker is recent again
+    pub("spray.3")  # over budget: spray.1 (least recently published) goes
+    assert set(store.topics) == {"ticker", "spray.2", "spray.3"} and store.evicted == 1
+    assert not store.covers("spray.1", a - 1)  # its event is gone: reset, not a gap
+    assert store.covers("ticker", 0)
+    for i in range(4, 1000):
+        pub(f"spray.{i}")
+        pub("ticker")
+    assert len(store.topics) == 3 and "ticker" in store.topics

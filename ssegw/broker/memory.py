@@ -129,6 +129,7 @@ class MemoryBroker:
             "epoch": self.epoch,
             "seq": self.seq,
             "topics_with_history": len(self.history.topics),
+            "topics_forgotten": self.history.evicted,
         }
 
 

@@ -83,22 +83,50 @@ class TopicHistory:
         return [e for e in self.events if e.seq <= upto]
 
 
-class HistoryStore:
-    """Histories of all topics of one shard, with per-topic bounds from a settings callback."""
+#: Topics with history one store keeps at most.  Each costs a few hundred bytes even with one
+#: small event, so without a bound a client spraying one-off topics grows memory for
+#: ``history_ttl`` (measured: 50,000 such topics, ~42 MB).  Past it the topic published to
+#: least recently is forgotten first (its resumes get ``ssegw.reset``, never a gap).
+MAX_HISTORY_TOPICS = 100_000
 
-    def __init__(self, settings: object) -> None:
+
+class HistoryStore:
+    """Histories of all topics of one shard, with per-topic bounds from a settings callback,
+    and at most ``max_topics`` topics (the least recently published is forgotten first)."""
+
+    def __init__(self, settings: object, max_topics: int = MAX_HISTORY_TOPICS) -> None:
         # settings(topic) -> (history_size, history_ttl_ms)
         self._settings = settings
         self.topics: dict[str, TopicHistory] = {}
+        # The same topics, least recently published first (the sweep reorders ``topics``).
+        self._recent: dict[str, None] = {}
+        self.max_topics = max_topics
         self.forgotten_upto = 0
+        self.evicted = 0
 
     def append(self, ev: Event, now_ms: int) -> None:
-        h = self.topics.get(ev.topic)
+        topic = ev.topic
+        h = self.topics.get(topic)
+        recent = self._recent
         if h is None:
-            size, ttl_ms = self._settings(ev.topic)  # type: ignore[operator]
-            h = self.topics[ev.topic] = TopicHistory(size, ttl_ms)
+            size, ttl_ms = self._settings(topic)  # type: ignore[operator]
+            h = self.topics[topic] = TopicHistory(size, ttl_ms)
             h.trimmed_upto = self.forgotten_upto
+            if len(recent) >= self.max_topics:
+                self._forget(next(iter(recent)))
+        else:
+            del recent[topic]
+        recent[topic] = None
         h.append(ev, now_ms)
+
+    def _forget(self, topic: str) -> None:
+        """Drop a topic's history; resumes on it are no longer covered (reset, not a gap)."""
+        h = self.topics.pop(topic)
+        del self._recent[topic]
+        newest = h.events[-1].seq if h.events else h.trimmed_upto
+        if newest > self.forgotten_upto:
+            self.forgotten_upto = newest
+        self.evicted += 1
 
     def get(self, topic: str, now_ms: int) -> TopicHistory | None:
         h = self.topics.get(topic)
@@ -126,6 +154,7 @@ class HistoryStore:
             if h.events:
                 topics[name] = h
                 continue
+            del self._recent[name]
             if h.trimmed_upto > self.forgotten_upto:
                 self.forgotten_upto = h.trimmed_upto
             dropped += 1
