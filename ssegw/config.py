@@ -50,6 +50,7 @@ from .config_keys import (
 )
 from .config_keys import _toml_duration as _toml_duration  # re-exported: tests round-trip it
 from .core.topics import Pattern
+from .policy.limits import unmap_network
 
 __all__ = [
     "AuthConfig",
@@ -318,9 +319,20 @@ def _build(
     ):
         raise _fail("admin_port", f"must differ from port ({values['port']})", origin["admin_port"])
     if "*" in values["cors_origins"] and values["cors_credentials"]:
-        log.warning(
-            "cors_credentials with cors_origins '*' lets any site make credentialed requests"
+        # Browsers refuse "Access-Control-Allow-Origin: *" with credentials, so the only way to
+        # honour both is to reflect every Origin (``null`` included): any site could then make
+        # requests with the user's cookies.  Name the origins instead.
+        where = origin["cors_credentials"] or origin["cors_origins"]
+        raise _fail(
+            "cors_credentials",
+            "cors_credentials = true cannot be combined with cors_origins = ['*'] (it would let "
+            "any site make credentialed requests); list the allowed origins instead",
+            where,
         )
+    # An IPv4-mapped entry (::ffff:10.0.0.0/104) means the IPv4 network; stored as such so
+    # check-config shows what is matched.
+    for name in ("ip_allow", "ip_deny", "trusted_proxies"):
+        values[name] = tuple(unmap_network(net) for net in values[name])
 
     path = values["auth.jwt_public_key"]
     pem = _read_pem(path, origin["auth.jwt_public_key"]) if path else ""

@@ -2,8 +2,9 @@
 
 Strategy (docs/api.md "Admission and abuse control"):
 - Addresses are parsed with :mod:`ipaddress`; an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``,
-  what a dual-stack socket reports for IPv4 peers) is the IPv4 address.  Anything unparsable is
-  refused, never guessed at.
+  what a dual-stack socket reports for IPv4 peers) is the IPv4 address, and a mapped network in
+  a CIDR list is the IPv4 network (:func:`unmap_network`).  Anything unparsable is refused,
+  never guessed at.
 - ``X-Forwarded-For`` is believed only when the TCP peer is a trusted proxy, and then only as far
   as the chain of trusted proxies goes: walking from the right, the first untrusted address is
   the client.  The leftmost entries are whatever the client sent and are ignored (spoofing).
@@ -31,7 +32,7 @@ from ipaddress import (
 
 from ssegw.core.errors import Forbidden, TooManyRequests, Unavailable
 
-__all__ = ["Admission", "ConnCounter", "IPFilter", "TokenBuckets", "client_ip"]
+__all__ = ["Admission", "ConnCounter", "IPFilter", "TokenBuckets", "client_ip", "unmap_network"]
 
 IPAddress = IPv4Address | IPv6Address
 # Containment across versions (IPv4Address in IPv6Network) is simply False, so lists may mix.
@@ -68,9 +69,23 @@ def parse_ip(text: str) -> IPAddress | None:
     return addr
 
 
+def unmap_network(net: Network) -> Network:
+    """An IPv4-mapped IPv6 network (``::ffff:a.b.c.d/N``, N >= 96) as the IPv4 network it means.
+
+    Client addresses are unmapped (:func:`parse_ip`), so a list entry left in mapped form would
+    never match anything: a deny rule that silently denies nothing.  A wider IPv6 network that
+    merely contains the mapped range (``::/0``) stays IPv6 and matches IPv6 clients only.
+    """
+    if isinstance(net, IPv6Network) and net.prefixlen >= 96:
+        v4 = net.network_address.ipv4_mapped
+        if v4 is not None:
+            return IPv4Network((v4, net.prefixlen - 96))
+    return net
+
+
 def _networks(nets: Iterable[Network | str]) -> tuple[Network, ...]:
     # Accept ready ip_network objects or CIDR strings (handy in tests and config).
-    return tuple(ip_network(n, strict=False) if isinstance(n, str) else n for n in nets)
+    return tuple(unmap_network(ip_network(n, strict=False) if isinstance(n, str) else n) for n in nets)
 
 
 def _in_any(addr: IPAddress, nets: tuple[Network, ...]) -> bool:
@@ -107,7 +122,9 @@ def client_ip(peer_ip: str, forwarded_for: str | None, trusted: tuple[Network | 
 
     Args:
         peer_ip: the TCP peer address.
-        forwarded_for: the X-Forwarded-For value (several headers joined with ``,``), or None.
+        forwarded_for: the X-Forwarded-For value, or None.  With several field lines, all of
+            them joined with ``,`` in order (RFC 9110 section 5.3): reading only one would let a
+            client hide its own entry behind a line it wrote itself.
         trusted: networks of proxies whose X-Forwarded-For is believed.
 
     Returns:

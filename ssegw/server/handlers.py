@@ -64,6 +64,15 @@ def _header(req: h11.Request, name: bytes) -> str | None:
     return None
 
 
+def _header_list(req: h11.Request, name: bytes) -> str | None:
+    """Every field line called ``name``, joined with ``", "`` in order (RFC 9110 section 5.3:
+    a list-valued field may be split over several lines); None when there is none."""
+    values = [v for k, v in req.headers if k == name]
+    if not values:
+        return None
+    return b", ".join(values).decode("latin-1")
+
+
 def handle(w: Context, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
     path, _, query = req.target.partition(b"?")
     method = req.method
@@ -138,7 +147,9 @@ def preflight(w: Context, p: HTTPProtocol, req: h11.Request, methods: bytes) -> 
 def _client_ip(w: Context, p: HTTPProtocol, req: h11.Request) -> str:
     if not w.cfg.trusted_proxies:
         return p.ip
-    return client_ip(p.ip, _header(req, b"x-forwarded-for"), w.cfg.trusted_proxies)
+    # All the lines, as one list: the first line alone may be the client's own
+    # "X-Forwarded-For: 127.0.0.1", with the proxy's line (the real address) after it.
+    return client_ip(p.ip, _header_list(req, b"x-forwarded-for"), w.cfg.trusted_proxies)
 
 
 def parse_subscribe(w: Context, req: h11.Request, query: bytes) -> tuple[tuple[str, ...], str | None, str | None, str | None]:
