@@ -44,3 +44,62 @@ def test_http10_and_http11_are_served(gw) -> None:
     for v in (b"HTTP/1.0", b"HTTP/1.1"):
         out = raw_exchange(gw.port, b"OPTIONS /events " + v + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert statuses(out) == [204], out[:300]
+
+
+# -- publish: refused from the head, before its body ----------------------------------------
+
+PUB_KEY = "k-" + "p" * 30
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    from harness import Gateway
+
+    cfg = tmp_path_factory.mktemp("keyed") / "ssegw.toml"
+    cfg.write_text(f'[auth]\npublish_keys = ["{PUB_KEY}"]\n')
+    g = Gateway("--config", str(cfg), "--head-timeout", "5s")
+    g.start()
+    yield g
+    g.stop()
+
+
+def _head_only(port: int, head: bytes, timeout: float = 3.0) -> bytes:
+    """Send a request head announcing a 1 MiB body, send no body, read what comes."""
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(head)
+        out = bytearray()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
+
+
+@pytest.mark.parametrize("expect", [b"", b"Expect: 100-continue\r\n"], ids=["plain", "expect-100"])
+def test_unauthenticated_publish_is_refused_before_its_body(keyed, expect: bytes) -> None:
+    """Auth is decided from the request head: a publisher without a valid key gets 401 at
+    once (never ``100 Continue``), with the body unread -- a stranger cannot make the gateway
+    buffer max_body per connection.  The old code read the whole body first (and answered
+    ``100 Continue`` to anyone)."""
+    head = (b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1048575\r\n" + expect + b"\r\n")
+    out = _head_only(keyed.port, head)
+    assert b"100 Continue" not in out, out[:200]
+    assert statuses(out) == [401], out[:300]
+    assert b"connection: close" in out.lower()
+
+
+def test_authenticated_publish_gets_100_continue(keyed) -> None:
+    head = (b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + PUB_KEY.encode() + b"\r\n"
+            b"Content-Length: 1048575\r\nExpect: 100-continue\r\n\r\n")
+    out = _head_only(keyed.port, head, timeout=1.5)
+    assert out.startswith(b"HTTP/1.1 100 "), out[:200]

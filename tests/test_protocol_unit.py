@@ -108,6 +108,9 @@ class FakeWorker:
     def count_response(self, status: int) -> None:
         self.responses[status] = self.responses.get(status, 0) + 1
 
+    def check_head(self, p: HTTPProtocol, req: h11.Request) -> None:
+        pass
+
     def handle(self, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
         self.handled.append((req.method, req.target, req.http_version, body))
         self.handler(p, req, body)

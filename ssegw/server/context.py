@@ -433,6 +433,10 @@ class Context:
         """Subscribe, replay and start an admitted stream (the request handlers')."""
         raise NotImplementedError
 
+    def check_head(self, p: HTTPProtocol, req: h11.Request) -> None:
+        """Refuse from the head what need not wait for the body (the request handlers')."""
+        raise NotImplementedError
+
     def handle(self, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
         """Serve a complete request (the request handlers')."""
         raise NotImplementedError

@@ -311,7 +311,21 @@ def _is_json(ctype: str | None) -> bool:
     return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
 
 
-def publish(w: Context, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
+def check_head(w: Context, p: HTTPProtocol, req: h11.Request) -> None:
+    """Decide what can be decided from a request head before its body is read (and before
+    ``100 Continue``): a ``POST /publish`` from a denied address or without valid
+    credentials is refused here, so a stranger cannot make us buffer a body of max_body.
+
+    Raises:
+        ProtocolError: the refusal (the protocol answers it and closes: the body is unread).
+    """
+    if p.admin or req.method != b"POST" or req.target.partition(b"?")[0] != b"/publish":
+        return
+    _publisher(w, p, req)
+
+
+def _publisher(w: Context, p: HTTPProtocol, req: h11.Request) -> tuple[str | None, bool]:
+    """(Authorization, loopback) of an allowed publisher; raises the refusal otherwise."""
     ip = _client_ip(w, p, req)
     if not w.admission.ip_filter.allowed(ip):
         raise Forbidden("client address denied", code="ip_denied")
@@ -319,8 +333,14 @@ def publish(w: Context, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
     # The client, not the proxy in front of it: a trusted local reverse proxy must not turn
     # every remote publisher into a loopback one.
     loopback = _is_loopback(ip)
-    # Authenticate before looking at the body, so strangers learn nothing from our parser.
     w.auth.authorize_publish(authz, [], time.time(), loopback)
+    return authz, loopback
+
+
+def publish(w: Context, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
+    # Checked from the head already (check_head); again here, as cheap as it is, so that
+    # this handler is safe whoever calls it.
+    authz, loopback = _publisher(w, p, req)
     if not _is_json(_header(req, b"content-type")):
         raise UnsupportedMediaType("Content-Type must be application/json", code="unsupported_media_type")
     try:

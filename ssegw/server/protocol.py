@@ -112,6 +112,8 @@ class Owner(Protocol):
 
     def handle(self, p: HTTPProtocol, req: h11.Request, body: bytes) -> None: ...
 
+    def check_head(self, p: HTTPProtocol, req: h11.Request) -> None: ...
+
     def arm_idle(self, p: HTTPProtocol) -> None: ...
 
     def count_protocol_error(self) -> None: ...
@@ -301,6 +303,13 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             # Content-Length lines; identical Content-Length lines it reads as one.
             self.w.count_protocol_error()
             self._refuse(400, "bad_framing", "request has both Content-Length and Transfer-Encoding")
+            return
+        try:
+            # Refusals decided from the head come before the body is read and before any
+            # 100 Continue (auth, denied addresses): the body is never buffered for them.
+            self.w.check_head(self, req)
+        except ProtocolError as e:
+            self.respond_error(e, close=True)
             return
         if self.h11 is not None and self.h11.they_are_waiting_for_100_continue:
             self.transport.write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))

@@ -233,6 +233,9 @@ class Worker(Context):
     def handle(self, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
         handlers.handle(self, p, req, body)
 
+    def check_head(self, p: HTTPProtocol, req: h11.Request) -> None:
+        handlers.check_head(self, p, req)
+
     def begin_stream(self, p: HTTPProtocol, args: tuple) -> None:
         handlers.begin_stream(self, p, *args)
 
