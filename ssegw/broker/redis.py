@@ -174,6 +174,14 @@ class RedisBroker(Listener):
         self.gap_fills = 0
         self.gap_events = 0
         self.gap_lost = 0
+        #: pub/sub messages dropped at or below the watermark (redis_pubsub.py)
+        self.dup_dropped = 0
+        #: epoch integrity (redis_pubsub.py): per shard, the primary's replication identity,
+        #: the newest event received, the gap fill's head
+        self._ident: dict[int, tuple[str, int, int]] = {}
+        self._last_ev: dict[int, tuple[str, int, int]] = {}
+        self._fill_head: dict[int, int] = {}
+        self._published: dict[int, int] = {}
         self._wait_replicas = wait_replicas
         self._wait_timeout_ms = max(1, round(wait_timeout * 1000))
         #: per shard index: replicas a publish must reach (auto resolved), the shard's
@@ -290,6 +298,8 @@ class RedisBroker(Listener):
             s = self.shards[k]
             seqs = await self._publish_shard(s, [messages[i] for i in idx], first)
             first = False
+            if seqs and seqs[-1] > self._published.get(k, 0):
+                self._published[k] = seqs[-1]  # handed out: the epoch check vouches for it too
             for i, seq in zip(idx, seqs, strict=True):
                 ids[i] = self._id_at(k, seq)
         return ids
@@ -633,6 +643,7 @@ class RedisBroker(Listener):
             "gap_fills": self.gap_fills,
             "gap_events": self.gap_events,
             "gap_lost": self.gap_lost,
+            "dup_dropped": self.dup_dropped,
         }
         if len(self.shards) > 1:
             out["shards"] = [{"tag": s.tag, "node": s.node, "up": s.up, "epoch": s.epoch, "last_seq": self.seqs[s.index]}

@@ -17,7 +17,20 @@ hash tag keeps a shard's keys, and its sharded channels, in one slot):
                        fields b=body (event/data lines), t=ms, k=key (optional)
   {ssegw:S}:req:TOKEN  the ids a publish request got (2 min), so that a retry of a
                        request whose reply was lost returns them instead of publishing twice
+  {ssegw:S}:ident      "REPLID OFFSET HEAD": the replication history (INFO replication of
+                       the primary) the epoch's sequence was last checked against, by
+                       ssegw_check (see "Epoch integrity" below)
 Channel (sharded pub/sub, SSUBSCRIBE): {ssegw:S}:c:TOPIC, payload "SEQ:MS:KLEN:" .. key .. body (KLEN -1 = no key).
+Channel {ssegw:S}:e: the new epoch, when ssegw_check gave the shard one.
+
+Epoch integrity.  A failover to a replica that had not received the newest writes leaves a
+primary whose sequence is below ids already handed out: the next publishes would reuse them.
+Each gateway checks a shard's new primary on every (re)connect with ssegw_check, passing what
+it has seen (the epoch, its watermark, the newest event it received) and what it found out
+from INFO replication (ssegw/broker/redis_pubsub.py); if the primary may lack any of it, the
+function gives the shard a new epoch -- only if the epoch is still the one the caller knew, so
+the first gateway to notice decides and every other one sees the change -- and announces it
+on {ssegw:S}:e.  Old ids then cannot be placed and resuming clients get ssegw.reset.
 
 Coverage ("is every event of TOPIC after seq X still here?"): a stream's
 max-deleted-entry-id is the highest trimmed seq; entries older than the topic's ttl count as
@@ -274,6 +287,51 @@ local function sync(keys, args)
   return head
 end
 
+-- KEYS: seq, epoch, ident, and the history stream of the newest event the caller received
+--       (the epoch key again if none)
+-- ARGV: the epoch the caller knows ('' if none), its watermark, the newest event's seq (0 if
+--       none) and ms, this primary's replid and offset, an epoch to take if writes were lost,
+--       a reason found by the caller ('' if none: see redis_pubsub.py, _lineage)
+-- returns {epoch, head, reason}: reason '' if the primary has everything the caller has
+-- seen (epoch kept), else why it may not (the epoch is then the new one, unless another
+-- caller had changed it already: then reason is 'moved')
+local function check(keys, args)
+  local seen, wm, last, last_ms = args[1], tonumber(args[2]), tonumber(args[3]), args[4]
+  local replid, offset, fresh, why = args[5], args[6], args[7], args[8]
+  local epoch = redis.call('GET', keys[2])
+  local head = tonumber(redis.call('GET', keys[1]) or '0')
+  if not epoch or (seen ~= '' and epoch ~= seen) then
+    return {epoch or '', head, 'moved'}
+  end
+  if seen ~= '' and why == '' then
+    if head < wm then
+      why = 'its sequence ' .. head .. ' is below the ' .. wm .. ' already received'
+    elseif last > 0 and keys[4] ~= keys[2] then
+      -- Replication is a prefix of the old primary's writes: if the newest event we got is
+      -- here, as we got it, so is everything before it.
+      local e = redis.call('XRANGE', keys[4], last .. '-0', last .. '-0')
+      if e[1] then
+        local f = e[1][2]
+        for j = 1, #f, 2 do
+          if f[j] == 't' and f[j + 1] ~= last_ms then
+            why = 'event ' .. last .. ' is another event than the one received'
+          end
+        end
+      elseif redis.call('EXISTS', keys[4]) == 1 and max_deleted(keys[4]) < last then
+        why = 'event ' .. last .. ' is missing from its history'
+      end
+    end
+  end
+  if why ~= '' and seen ~= '' then
+    epoch = fresh
+    redis.call('SET', keys[2], epoch)
+    redis.call('SPUBLISH', string.sub(keys[2], 1, -6) .. 'e', epoch)
+  end
+  redis.call('SET', keys[3], replid .. ' ' .. offset .. ' ' .. head)
+  return {epoch, head, why}
+end
+
 redis.register_function('ssegw_publish', publish)
+redis.register_function('ssegw_check', check)
 redis.register_function{function_name = 'ssegw_replay', callback = replay, flags = {'no-writes'}}
 redis.register_function('ssegw_sync', sync)

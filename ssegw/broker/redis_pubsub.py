@@ -19,12 +19,33 @@ for what both halves use (``_read``, ``_id_at``, ``_set_epoch``).
   failover demoted the node): reconnect (the layout asks the cluster who serves the slot now,
   ``redis_layout.py``) and let the gap fill cover the move.  So do MOVED, READONLY and LOADING
   answers and connection errors, on the session's own commands and on its periodic check
-  (``EXISTS`` of the shard's epoch every ``PING_EVERY`` s, busy or idle: a node that no longer
+  (``GET`` of the shard's epoch every ``PING_EVERY`` s, busy or idle: a node that no longer
   serves the slot answers MOVED).  On a cluster the retries are at most ``CLUSTER_BACKOFF_MAX``
   apart, so a promoted replica is found within about that much of its promotion.
 - A shard that goes down is logged once, then every ``DOWN_LOG_EVERY`` s while it stays down
   (never per retry), and once more when it is back, with how long it was down.
 - Syncs (several shards only): see "Several shards" in ``redis.py``.
+- Epoch integrity.  A failover may promote a replica that lacks the newest writes (replication
+  is asynchronous; ``redis_wait_replicas`` 0, or more replicas than it waits for); its sequence
+  then restarts below ids already handed out.  So every (re)connect of a shard, before the gap
+  fill, asks the primary (``ssegw_check``, ``redis_lib.lua``) whether it has everything this
+  worker has seen: its head at or above the watermark and the highest sequence this worker's
+  publishes got, the newest event received still in its history as received, and -- from
+  ``INFO replication``, compared with the replication id and offset this worker last saw on
+  the shard's primary (``_lineage``) -- not an earlier cut of the history seen.  If not, the
+  shard gets a new epoch (only if its epoch is still the one this worker knew: the first
+  worker to notice decides, atomically), announced on the shard's epoch channel; every worker
+  then closes its streams, which resume into ``ssegw.reset``.  A lossless handover (planned
+  ``CLUSTER FAILOVER``, a promoted replica that was current) passes every check and keeps the
+  epoch.  Limit: a worker vouches only for what it has seen.  One that saw nothing past the
+  lost writes (no subscriber, no publish there), and a backend publishing straight into
+  Redis, may publish on the new primary under the old epoch -- their publish answers then
+  repeat lost ids -- until a worker that saw the lost writes connects and changes the epoch;
+  streams are closed and reset from then on.
+- A pub/sub message at or below the watermark is dropped only when this session's gap fill
+  delivered it already (at or below the fill's head); any other one means the node reuses
+  sequences: it is counted (``dup_dropped``), logged, and the shard reconnects, which runs
+  the check above.
 """
 
 from __future__ import annotations
@@ -37,7 +58,7 @@ from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..core.history import Event
@@ -76,6 +97,14 @@ class Listener:
     gap_fills: int
     gap_events: int
     gap_lost: int
+    dup_dropped: int
+    #: per shard index: (replid, offset, watermark) from the last ``INFO replication`` of its
+    #: primary; the newest event received (topic, seq, ms); this session's gap fill head
+    _ident: dict[int, tuple[str, int, int]]
+    _last_ev: dict[int, tuple[str, int, int]]
+    _fill_head: dict[int, int]
+    #: per shard index: the highest sequence this worker's publishes got (their ids were handed out)
+    _published: dict[int, int]
 
     if TYPE_CHECKING:
         def shard_of(self, topic: str) -> Shard: ...
@@ -286,11 +315,14 @@ class Listener:
         s.pubsub = ps
         n = len(self.shards)
         topics = sorted(t for t in self.desired if shard_index(t, n) == s.index)
-        await ps.ssubscribe(s.marker)  # keeps the connection subscribed with no topics
+        epoch_chan = f"{s.prefix}:e"
+        # The marker keeps the connection subscribed with no topics; the epoch channel says
+        # when another worker gave the shard a new epoch.
+        await ps.ssubscribe(s.marker, epoch_chan)
         for i in range(0, len(topics), 1000):
             await ps.ssubscribe(*(s.channel(t) for t in topics[i:i + 1000]))
         # Wait for the confirmations so that the gap fill below starts after them.
-        pending = {s.channel(t).encode() for t in topics} | {s.marker.encode()}
+        pending = {s.channel(t).encode() for t in topics} | {s.marker.encode(), epoch_chan.encode()}
         buffered: list[dict] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + COMMAND_TIMEOUT
@@ -329,7 +361,19 @@ class Listener:
                 # may stop serving the slot without a SUNSUBSCRIBE reaching us: ask it
                 # something about the shard's slot, busy or idle.  A node that no longer
                 # serves it answers MOVED; a failure raises and we reconnect.
-                await asyncio.wait_for(client.exists(epoch_key), COMMAND_TIMEOUT)
+                # The epoch read also catches a new epoch whose announcement we missed; the
+                # replication identity keeps _lineage current.
+                pipe = client.pipeline(transaction=False)
+                pipe.get(epoch_key)
+                pipe.info("replication")
+                wm = self.seqs[s.index]
+                epoch_b, info = await asyncio.wait_for(pipe.execute(raise_on_error=False), COMMAND_TIMEOUT)
+                if isinstance(epoch_b, Exception):
+                    raise epoch_b  # MOVED: the node no longer serves the slot
+                if epoch_b is not None and epoch_b.decode() != s.epoch:
+                    raise RedisConnectionError(f"{s.tag}: the shard has a new epoch {epoch_b.decode()}")
+                if isinstance(info, dict):  # else INFO was refused (ACL): the data checks remain
+                    self._note_ident(s, info, wm)
                 check_at = loop.time() + PING_EVERY
             if m is None:
                 continue
@@ -367,32 +411,89 @@ class Listener:
         s.synced_upto = max(s.synced_upto, gen)
         self._advanced(s)
 
+    async def _check(self, s: Shard, client: aioredis.Redis) -> tuple[str, str]:
+        """Epoch integrity (module docstring): ``ssegw_check`` on the shard's (new) primary.
+        Returns the shard's epoch (a new one if this primary may lack writes this worker has
+        seen) and why it changed ('' if kept, 'moved' if another worker or a Redis that lost
+        its data changed it)."""
+        k = s.index
+        wm = self.seqs[k]
+        try:
+            info = await client.info("replication")
+        except ResponseError as e:  # an ACL without INFO: the data checks still run
+            log.debug("redis refused INFO on %s (%s): no replication history check", s.tag, e)
+            info = {}
+        seen = max(wm, self._published.get(k, 0))
+        last = self._last_ev.get(k) if s.epoch else None
+        why = self._lineage(k, info) if s.epoch else ""
+        keys = [f"{s.prefix}:seq", f"{s.prefix}:epoch", f"{s.prefix}:ident",
+                s.stream_key(last[0]) if last else f"{s.prefix}:epoch"]
+        args = [s.epoch, seen, last[1] if last else 0, last[2] if last else 0,
+                str(info.get("master_replid", "")), info.get("master_repl_offset", 0), new_epoch(), why]
+        epoch_b, _, reason_b = await client.fcall("ssegw_check", len(keys), *keys, *args)
+        self._note_ident(s, info, wm)
+        return epoch_b.decode(), reason_b.decode()
+
+    def _lineage(self, k: int, info: dict) -> str:
+        """Why the primary's replication history cannot hold everything seen on the shard's
+        previous primary, or ''.  A promoted replica takes a new replid and keeps the old one as
+        ``master_replid2``, valid up to ``second_repl_offset`` - 1: if that is below the offset
+        the previous primary had reached after writes this worker received, it missed some.
+        (The offset also counts writes that are not events -- a lost presence refresh costs a
+        needless reset; never the other way.)  Any other history says nothing here; the data
+        checks of ``ssegw_check`` decide."""
+        old = self._ident.get(k)
+        if old is None or not old[2]:
+            return ""
+        replid, offset, wm = old
+        # str(): redis-py's INFO parser turns an id that looks like a number into one.
+        if str(info.get("master_replid")) == replid or str(info.get("master_replid2")) != replid:
+            return ""
+        upto = int(info.get("second_repl_offset", -1)) - 1
+        if upto >= offset:
+            return ""
+        return (f"it took over replication history {replid[:8]} at offset {upto}, before offset {offset} "
+                f"that followed seq {wm}")
+
+    def _note_ident(self, s: Shard, info: dict, wm: int) -> None:
+        """Remember the primary's replication id and offset, reached after every event up to
+        ``wm`` (the watermark when INFO was sent)."""
+        if info.get("role") == "master":
+            self._ident[s.index] = (str(info.get("master_replid", "")), int(info.get("master_repl_offset", 0)), wm)
+
     async def _fill(self, s: Shard, client: aioredis.Redis, topics: list[str]) -> None:
         k = s.index
-        epoch_b = await client.get(f"{s.prefix}:epoch")
-        epoch = epoch_b.decode() if epoch_b else ""
+        epoch, why = await self._check(s, client)
         if not s.epoch:
             s.epoch = epoch
             self._set_epoch()
             if not self.seqs[k]:
                 head = await client.get(f"{s.prefix}:seq")
-                self.seqs[k] = int(head or 0)
+                self.seqs[k] = self._fill_head[k] = int(head or 0)
                 return
         if epoch != s.epoch and epoch:
-            # Redis lost its data (or is another Redis): what we missed cannot be placed.
-            log.warning("redis epoch changed on %s (%s -> %s): closing streams so clients resume",
-                        s.tag, s.epoch, epoch)
+            # Redis lost its data (or is another Redis), or this primary lacks writes we have
+            # seen: what we missed cannot be placed, and ids we handed out must not be reused.
+            if why and why != "moved":
+                log.warning("redis shard %s: the primary on %s may lack writes already delivered (%s): "
+                            "new epoch %s -> %s, closing streams so clients resume and get ssegw.reset",
+                            s.tag, s.node, why, s.epoch, epoch)
+            else:
+                log.warning("redis epoch changed on %s (%s -> %s): closing streams so clients resume",
+                            s.tag, s.epoch, epoch)
             s.epoch = epoch
             self._set_epoch()
             head = await client.get(f"{s.prefix}:seq")
-            self.seqs[k] = int(head or 0)
+            self.seqs[k] = self._fill_head[k] = int(head or 0)
+            self._last_ev.pop(k, None)
+            self._published.pop(k, None)
             self.gap_lost += 1
             if self._on_gap is not None:
                 self._on_gap(None)
             return
         if not topics:
             head = await client.get(f"{s.prefix}:seq")
-            self.seqs[k] = max(self.seqs[k], int(head or 0))
+            self.seqs[k] = self._fill_head[k] = max(self.seqs[k], int(head or 0))
             return
         s.up = True  # _read needs it; the reader has not started delivering yet
         _, head, per_topic = await self._read(s, topics, "after", self.seqs[k])
@@ -403,11 +504,13 @@ class Listener:
         for seq, ms, t, key, body in raw:
             self.seqs[k] = seq
             events.append(Event(t, seq, ms, encode_frame(self._id_at(k, seq), body), key))
+        if raw:
+            self._last_ev[k] = (raw[-1][2], raw[-1][0], raw[-1][1])
         self.gap_fills += 1
         self.gap_events += len(events)
         if events and self._deliver is not None:
             self._deliver(events)
-        self.seqs[k] = max(self.seqs[k], head)
+        self.seqs[k] = self._fill_head[k] = max(self.seqs[k], head)
         if lost:
             self.gap_lost += 1
             log.warning("history no longer covers the outage for %d topics: closing their streams", len(lost))
@@ -423,11 +526,22 @@ class Listener:
                 if int(data) > self.seqs[k]:
                     self.seqs[k] = int(data)
                 self._advanced(s)
+            elif ch == f"{s.prefix}:e".encode() and data.decode() != s.epoch:
+                # Another worker found the primary lacking writes and gave the shard a new
+                # epoch: reconnect, and the gap fill closes our streams.
+                raise RedisConnectionError(f"{s.tag}: the shard has a new epoch {data.decode()}")
             return
         seq_b, ms_b, klen_b, rest = data.split(b":", 3)
         seq = int(seq_b)
         if seq <= self.seqs[k]:
-            return  # already delivered by a gap fill
+            self.dup_dropped += 1
+            if seq <= self._fill_head.get(k, 0):
+                return  # already delivered by this session's gap fill
+            # The node hands out sequences we have received already: a primary that lost
+            # writes.  Never drop silently: reconnect, and the check gives a new epoch.
+            log.warning("redis shard %s: seq %d at or below the %d already received on %s: checking "
+                        "the primary", s.tag, seq, self.seqs[k], ch.decode(errors="replace"))
+            raise RedisConnectionError(f"{s.tag}: sequence {seq} reused")
         self.seqs[k] = seq
         klen = int(klen_b)
         if klen >= 0:
@@ -436,7 +550,9 @@ class Listener:
         else:
             key, body = None, rest
         topic = ch[len(s.chan_prefix):].decode()
-        ev = Event(topic, seq, int(ms_b), encode_frame(self._id_at(k, seq), body), key)
+        ms = int(ms_b)
+        self._last_ev[k] = (topic, seq, ms)
+        ev = Event(topic, seq, ms, encode_frame(self._id_at(k, seq), body), key)
         if s.waits:
             self._advanced(s)
         if self._deliver is not None:
