@@ -286,3 +286,34 @@ def test_loss_found_after_another_gateway_published_over_it(tmp_path):
         for g in gws:
             g.stop(timeout=10)
         c.stop()
+
+
+@pytest.mark.timeout(90)
+def test_forced_loss_with_a_required_replica_answers_504_not_200(tmp_path):
+    """The same cut replication, with ``redis_wait_replicas = 1``: the B publishes are written
+    on the primary but no replica acknowledges them, so none is answered 200 (504
+    ``outcome_unknown``: a failover may lose them) -- a 200 means replicated."""
+    c = RedisCluster(tmp_path / "cluster", replicas=1)
+    g = None
+    try:
+        c.start()
+        g = Gateway("--redis", c.nodes[0].url, "--redis-wait-replicas", "1", "--redis-wait-timeout", "500ms",
+                    "--heartbeat-interval", "1s", "--flush-interval", "10ms")
+        g.start()
+        assert wait_until(lambda: ready(g), 20, 0.05), "gateway never became ready:\n" + "".join(g.log)
+        victim = 1
+        t = topics_on(victim, 1, f"rq{run_id()}")[0]
+        owner = c.primary_of_slot(key_slot(b"{" + _tag(c, victim).encode() + b"}:seq"))
+        replica = c.replica_of(owner)
+        assert _publish(g, t, data_of(t, 0))  # replicated: 200
+        assert wait_until(lambda: _offset(replica) >= _offset(owner), 10, 0.05), "replica not in sync"
+        assert b"+OK" in owner.command("ACL", "SETUSER", "default", "-psync", "-sync")
+        owner.command("CLIENT", "KILL", "TYPE", "replica")
+        for i in range(1, 6):
+            r = g.publish({"topic": t, "data": data_of(t, i)})
+            assert r.status == 504, (i, r.status, r.body[:200])
+            assert r.json()["error"] == "outcome_unknown"
+    finally:
+        if g is not None:
+            g.stop(timeout=10)
+        c.stop()
