@@ -210,10 +210,55 @@ def _nonempty(v: str) -> str | None:
     return None if v else "must not be empty"
 
 
+SENTINEL_SCHEME = "redis+sentinel://"
+_SENTINEL_ADDR_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._\-]+):([0-9]{1,5})", re.ASCII)
+_SENTINEL_SERVICE_RE = re.compile(r"[A-Za-z0-9._\-]+", re.ASCII)
+
+
+def parse_sentinel_url(url: str) -> tuple[list[tuple[str, int]], str]:
+    """``redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE`` -> (sentinel addresses, service name).
+
+    The one owner of this syntax (config validation and the Redis broker both call it).  A
+    host is a name, an IPv4 address or a bracketed IPv6 address; every port is explicit (no
+    guessed 26379).  No user, password, database number or query: the primary is asked for
+    with none and used as database 0 (a secured setup is not supported yet).
+
+    Raises:
+        ValueError: the URL is not of that form; the message says what is wrong.
+    """
+    if not url.startswith(SENTINEL_SCHEME):
+        raise ValueError(f"expected {SENTINEL_SCHEME}HOST:PORT[,HOST:PORT...]/SERVICE")
+    rest = url[len(SENTINEL_SCHEME):]
+    hosts, sep, service = rest.partition("/")
+    if "@" in hosts or "?" in rest or "#" in rest:
+        raise ValueError("a user, password, query or fragment is not supported in a sentinel URL")
+    if not sep or not _SENTINEL_SERVICE_RE.fullmatch(service):
+        raise ValueError("expected /SERVICE (the Sentinel master name: letters, digits, '.', '_', '-') "
+                         "after the sentinel addresses")
+    addrs: list[tuple[str, int]] = []
+    for part in hosts.split(","):
+        m = _SENTINEL_ADDR_RE.fullmatch(part)
+        if m is None:
+            raise ValueError(f"each sentinel must be HOST:PORT, not {_show(part)}")
+        port = int(m.group(2))
+        if not 0 < port < 65536:
+            raise ValueError(f"sentinel port {port} is out of range (1..65535)")
+        addrs.append((m.group(1).strip("[]"), port))
+    return addrs, service
+
+
 def _redis_url(v: str) -> str | None:
     if not v or v.startswith(("redis://", "rediss://", "unix://")):
         return None
-    return f"expected a URL starting with redis://, rediss:// or unix://, got {_show(v)}"
+    if v.startswith(SENTINEL_SCHEME):
+        try:
+            parse_sentinel_url(v)
+        except ValueError as e:
+            # A URL with a user part may carry a password: never echo it.
+            return f"{e}" if "@" in v else f"{e}, got {_show(v)}"
+        return None
+    return (f"expected a URL starting with redis://, rediss://, unix:// or "
+            f"{SENTINEL_SCHEME}HOST:PORT[,HOST:PORT...]/SERVICE, got {_show(v)}")
 
 
 _COOKIE_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", re.ASCII)

@@ -19,6 +19,20 @@ restarted old primary that still believes in its old slots loses to it.  ``CLUST
 rather than ``CLUSTER SHARDS``/``SLOTS`` because only it carries the config epoch.
 The session (``redis_pubsub.py``) reconnects on MOVED, READONLY, LOADING, connection
 errors and an unrequested SUNSUBSCRIBE, so each of those leads here.
+
+Redis Sentinel (``redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE``, syntax owned by
+``config_keys.parse_sentinel_url``).  A primary with replicas and no Cluster: one shard, as a
+plain ``redis://`` URL, but the node is asked of the sentinels (redis-py's asyncio
+``Sentinel.discover_master``: the first sentinel that names a primary it does not consider
+down) on every (re)connect of the shard, never remembered across one.  After a ``kill -9``
+the old primary's connections fail; the session retries (``CLUSTER_BACKOFF_MAX`` apart) and
+is served by the promoted replica as soon as a sentinel names it.  A planned ``SENTINEL
+FAILOVER`` is different: Sentinel promotes the replica and demotes the old primary (with
+``CLIENT KILL`` of its clients) only about 10 s later, and the old primary takes writes
+meanwhile -- Sentinel has no fencing.  So the session's periodic check also asks the
+sentinels (``Layout.confirm``, every ``PING_EVERY`` s) and ends the session when they name
+another node.  Either way the session comes back here and gets a client of the new primary;
+``Shard.client``, which the publish path reads on every attempt, is replaced with it.
 """
 
 from __future__ import annotations
@@ -32,11 +46,14 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.connection import ConnectionPool, parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..config_keys import SENTINEL_SCHEME, parse_sentinel_url
 
 #: The one shard of a standalone Redis (also the first candidate tag on a cluster).
 DEFAULT_TAG = "ssegw:0"
@@ -130,7 +147,14 @@ class Layout:
     def __init__(self, url: str) -> None:
         self.url = url
         self.clustered = False
-        self._base: dict[str, object] = dict(parse_url(url))
+        #: (sentinel addresses, service name) behind a ``redis+sentinel://`` URL, else None
+        self.sentinel: tuple[list[tuple[str, int]], str] | None = None
+        self._sentinels: Sentinel | None = None
+        if url.startswith(SENTINEL_SCHEME):
+            self.sentinel = parse_sentinel_url(url)  # validated with the config already
+            self._base: dict[str, object] = {}
+            return
+        self._base = dict(parse_url(url))
         #: "host:port" of every node ever named (the URL's first), in the order first seen
         self.known: dict[str, tuple[str, int]] = {}
         host, port = self._base.get("host"), self._base.get("port", 6379)
@@ -144,8 +168,18 @@ class Layout:
         kw.update(host=host, port=port, **CLIENT_OPTS)
         return aioredis.Redis.from_pool(ConnectionPool(**kw))  # closes its pool on aclose()
 
+    @property
+    def follows(self) -> bool:
+        """Whether the node serving a shard can change (Cluster or Sentinel): the session then
+        retries at most ``CLUSTER_BACKOFF_MAX`` apart (``redis_pubsub.py``)."""
+        return self.clustered or self.sentinel is not None
+
     async def tags(self) -> list[str]:
-        """The shards' hash tags: ``[DEFAULT_TAG]`` on a standalone Redis."""
+        """The shards' hash tags: ``[DEFAULT_TAG]`` on a standalone Redis (also the primary a
+        Sentinel names)."""
+        if self.sentinel is not None:
+            await self.primary()  # retried by the caller until the sentinels name one
+            return [DEFAULT_TAG]
         probe = aioredis.Redis.from_url(self.url, **CLIENT_OPTS)  # type: ignore[arg-type]
         try:
             info = await probe.info("cluster")
@@ -169,7 +203,11 @@ class Layout:
         return tags
 
     async def connect(self, s: Shard) -> aioredis.Redis:
-        """A client of the node serving the shard (asked of the cluster on every call)."""
+        """A client of the node serving the shard (asked of the cluster, or the sentinels, on
+        every call)."""
+        if self.sentinel is not None:
+            host, port = await self.primary()
+            return await self._use(s, f"{host}:{port}", host, port)
         if not self.clustered:
             if s.client is None:
                 s.client = aioredis.Redis.from_url(self.url, **CLIENT_OPTS)  # type: ignore[arg-type]
@@ -178,13 +216,58 @@ class Layout:
         where = (await self.view()).owner(s.slot)
         if where is None:
             raise RedisConnectionError(f"no cluster node serves {s.tag} (slot {s.slot}) yet")
+        node_host, _, node_port = where.rpartition(":")
+        return await self._use(s, where, node_host, int(node_port))
+
+    async def _use(self, s: Shard, where: str, host: str, port: int) -> aioredis.Redis:
+        """Point ``s.client`` at ``where`` (a new client if the node changed)."""
         if s.client is None or s.node != where:
             if s.client is not None:
                 await s.client.aclose()
-            host, _, port = where.rpartition(":")
-            s.client = self._client(host, int(port))
+            s.client = self._client(host, port)
             s.node = where
         return s.client
+
+    async def confirm(self, s: Shard) -> None:
+        """Behind Sentinel, part of the session's periodic check: end the session if the
+        sentinels now name another primary.  A planned ``SENTINEL FAILOVER`` promotes the
+        replica first and demotes the old primary only about 10 s later (Sentinel's "convert
+        to replica" delay), and the old one keeps answering -- writes included -- until then;
+        this moves the shard within one check of the sentinels' switch.  Sentinels that cannot be
+        asked, or name nobody (a failover in progress), end nothing: the data path does not
+        depend on them.  A no-op on a standalone Redis or a cluster.
+
+        Raises:
+            RedisConnectionError: the sentinels name a primary other than ``s.node``.
+        """
+        if self.sentinel is None or not s.node:
+            return
+        try:
+            host, port = await asyncio.wait_for(self.primary(), ASK_TIMEOUT)
+        except (TimeoutError, RedisConnectionError):
+            return  # sentinels unreachable, slow or mid-failover: keep serving from s.node
+        if f"{host}:{port}" != s.node:
+            raise RedisConnectionError(f"{s.tag}: the sentinels name {host}:{port} as primary, not {s.node}")
+
+    async def primary(self) -> tuple[str, int]:
+        """The primary the sentinels name now (``SENTINEL MASTERS`` to each in turn until one
+        names a primary it does not consider down; redis-py moves that one to the front).
+
+        Raises:
+            RedisConnectionError: no sentinel answered, or none names a usable primary
+                (``MasterNotFoundError``, e.g. during a failover).
+        """
+        assert self.sentinel is not None
+        if self._sentinels is None:
+            # Each sentinel is asked in turn, so a black-holed one costs its socket timeout
+            # per resolution: bounded by ``ASK_TIMEOUT``, as a cluster node's CLUSTER NODES.
+            opts = {"socket_timeout": ASK_TIMEOUT, "socket_connect_timeout": 1.0, "retry": Retry(NoBackoff(), 0)}
+            self._sentinels = Sentinel(self.sentinel[0], sentinel_kwargs=opts)
+        try:
+            host, port = await self._sentinels.discover_master(self.sentinel[1])
+        except (TimeoutError, RedisTimeoutError, OSError) as e:
+            raise RedisConnectionError(f"sentinels unreachable: {e}") from None
+        return str(host), int(port)
 
     def _probe(self, where: str) -> aioredis.Redis:
         client = self._probes.get(where)
@@ -224,6 +307,9 @@ class Layout:
         probes, self._probes = self._probes, {}
         for client in probes.values():
             await client.aclose()
+        sentinels, self._sentinels = self._sentinels, None
+        if sentinels is not None:
+            await sentinels.aclose()
 
 
 class View:

@@ -20,8 +20,9 @@ for what both halves use (``_read``, ``_id_at``, ``_set_epoch``).
   ``redis_layout.py``) and let the gap fill cover the move.  So do MOVED, READONLY and LOADING
   answers and connection errors, on the session's own commands and on its periodic check
   (``GET`` of the shard's epoch every ``PING_EVERY`` s, busy or idle: a node that no longer
-  serves the slot answers MOVED).  On a cluster the retries are at most ``CLUSTER_BACKOFF_MAX``
-  apart, so a promoted replica is found within about that much of its promotion.
+  serves the slot answers MOVED).  On a cluster or behind Sentinel the retries are at most
+  ``CLUSTER_BACKOFF_MAX`` apart, so a promoted replica is found within about that much of its
+  promotion.
 - A shard that goes down is logged once, then every ``DOWN_LOG_EVERY`` s while it stays down
   (never per retry), and once more when it is back, with how long it was down.
 - Syncs (several shards only): see "Several shards" in ``redis.py``.
@@ -250,7 +251,7 @@ class Listener:
 
     async def _run(self, s: Shard) -> None:
         backoff = BACKOFF_MIN
-        cap = CLUSTER_BACKOFF_MAX if self._layout.clustered else BACKOFF_MAX
+        cap = CLUSTER_BACKOFF_MAX if self._layout.follows else BACKOFF_MAX
         while not self._closed:
             sessions = s.reconnects
             try:
@@ -374,6 +375,7 @@ class Listener:
                     raise RedisConnectionError(f"{s.tag}: the shard has a new epoch {epoch_b.decode()}")
                 if isinstance(info, dict):  # else INFO was refused (ACL): the data checks remain
                     self._note_ident(s, info, wm)
+                await self._layout.confirm(s)  # behind Sentinel: still the primary it names?
                 check_at = loop.time() + PING_EVERY
             if m is None:
                 continue
