@@ -8,8 +8,10 @@ Real gateway, raw bytes on a socket.
 
 from __future__ import annotations
 
+import socket
+
 import pytest
-from harness import raw_exchange
+from harness import raw_exchange, recv_all
 
 NEXT = b"OPTIONS /events HTTP/1.1\r\nHost: x\r\n\r\n"  # would be answered 204 if it were executed
 
@@ -65,22 +67,9 @@ def keyed(tmp_path_factory):
 
 def _head_only(port: int, head: bytes, timeout: float = 3.0) -> bytes:
     """Send a request head announcing a 1 MiB body, send no body, read what comes."""
-    import socket
-    import time
-
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(head)
-        out = bytearray()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                chunk = s.recv(65536)
-            except TimeoutError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        return bytes(out)
+        return recv_all(s, bytearray(), None, timeout)
 
 
 @pytest.mark.parametrize("expect", [b"", b"Expect: 100-continue\r\n"], ids=["plain", "expect-100"])

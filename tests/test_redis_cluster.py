@@ -78,6 +78,16 @@ def parse_data(d: str) -> tuple[str, int]:
     return t, int(n)
 
 
+
+def stream_numbers(cl, key: str) -> list[int]:  # noqa: ANN001
+    """The numbers (``data_of``) of the events in the history stream ``key``, via client ``cl``."""
+    out = []
+    for _, fields in cl.xrange(key):
+        body = fields[b"b"].decode()
+        line = next(ln for ln in body.split("\n") if ln.startswith("data:"))
+        out.append(parse_data(line[5:].strip())[1])
+    return out
+
 def vec(eid: str) -> tuple[str, list[int]]:
     epoch, _, rest = eid.partition("-")
     return epoch, [int(x) for x in rest.split(".")]

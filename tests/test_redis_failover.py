@@ -29,7 +29,18 @@ from harness import Gateway, request, wait_until
 from redis.crc import key_slot
 from redis_cluster_harness import NODE_TIMEOUT_MS, RedisCluster
 from redis_harness import RedisServer
-from test_redis_cluster import NSHARDS, Reader, data_of, parse_data, path, per_topic, ready, run_id, shard_of, spread
+from test_redis_cluster import (
+    NSHARDS,
+    Reader,
+    data_of,
+    path,
+    per_topic,
+    ready,
+    run_id,
+    shard_of,
+    spread,
+    stream_numbers,
+)
 
 #: The contract's bound on the time to serve again after a failover (seconds).
 BOUND = NODE_TIMEOUT_MS / 1000 + 5.0
@@ -156,12 +167,7 @@ class Rig:
         key = "{" + tag + "}:h:" + topic
         cl = self.client(self.owner(key))
         try:
-            out = []
-            for _, fields in cl.xrange(key):
-                body = fields[b"b"].decode()
-                line = next(ln for ln in body.split("\n") if ln.startswith("data:"))
-                out.append(parse_data(line[5:].strip())[1])
-            return out
+            return stream_numbers(cl, key)
         finally:
             cl.close()
 

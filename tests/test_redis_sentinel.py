@@ -20,7 +20,7 @@ import redis
 from harness import Gateway, wait_until
 from redis_sentinel_harness import SentinelSetup
 from test_config import from_toml, write  # noqa: F401 - ``write`` is a fixture
-from test_redis_cluster import Reader, parse_data, path, per_topic, ready, run_id
+from test_redis_cluster import Reader, path, per_topic, ready, run_id, stream_numbers
 from test_redis_failover import Paced
 
 from ssegw.config import ConfigError
@@ -41,12 +41,7 @@ def history(port: int, topic: str) -> list[int]:
     """The numbers in ``topic``'s history stream on the node at ``port``."""
     cl = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
     try:
-        out = []
-        for _, fields in cl.xrange(HKEY + topic):
-            body = fields[b"b"].decode()
-            line = next(ln for ln in body.split("\n") if ln.startswith("data:"))
-            out.append(parse_data(line[5:].strip())[1])
-        return out
+        return stream_numbers(cl, HKEY + topic)
     finally:
         cl.close()
 
