@@ -4,10 +4,12 @@ publish rule without auth."""
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 
 from checks import assert_alive, assert_healthy, check_error, uniq
-from harness import Gateway, Response, Stream
+from harness import Gateway, Response, Stream, read_head, wait_until
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -70,7 +72,19 @@ def test_ip_allow_other_network_is_403_from_loopback(gateway):
 # -- per-IP connection count ---------------------------------------------------------------------
 
 
+def _publish_from(g, src: str, msg: dict) -> int:
+    """POST /publish from source address ``src`` (another client than 127.0.0.1)."""
+    body = json.dumps(msg).encode()
+    with socket.create_connection(("127.0.0.1", g.port), timeout=5, source_address=(src, 0)) as s:
+        s.sendall(b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        status, _, _ = read_head(s, bytearray(), 5)
+        return status
+
+
 def test_max_conns_per_ip(gateway):
+    """Every open connection from an address counts (streams, idle, keep-alive, publishers):
+    one over the cap is answered 429 with Retry-After at once and closed."""
     g = gateway("--max-conns-per-ip", "2", "--heartbeat-interval", "1s", "--drain-timeout", "1s")
     topic = uniq("perip")
     s1, s2 = g.stream(f"/events?topic={topic}"), g.stream(f"/events?topic={topic}")
@@ -81,18 +95,27 @@ def test_max_conns_per_ip(gateway):
     # refusals do not consume a slot: still refused, and the two streams still work
     with g.stream(f"/events?topic={topic}") as s3:
         check_stream_error(s3, 429)
-    r = g.publish({"topic": topic, "data": "both"})
-    assert r.status == 200
+    # a publisher from this address is a connection too; from another address it is not
+    r = g.publish({"topic": topic, "data": "full"})
+    assert r.status == 429, r
+    assert _publish_from(g, "127.0.0.2", {"topic": topic, "data": "both"}) == 200
     assert [e.data for e in s1.wait_events(1, 3)] == ["both"]
     assert [e.data for e in s2.wait_events(1, 3)] == ["both"]
-    # publish is not a stream: not counted against the cap
-    assert g.publish({"topic": topic, "data": "more"}).status == 200
-    # closing one frees its place
+    # closing one frees its place -- and an idle connection that sent nothing takes it
     s1.close()
+    assert g.wait_slots(1) == 1
+    idle = socket.create_connection(("127.0.0.1", g.port), timeout=5)
+    try:
+        assert wait_until(lambda: g.stats()["connections_open"] == 2, 3)
+        with g.stream(f"/events?topic={topic}") as s4:
+            check_stream_error(s4, 429)
+    finally:
+        idle.close()
     assert g.wait_slots(1) == 1
     with g.stream(f"/events?topic={topic}") as s4:
         assert s4.status == 200, s4.error_body
     s2.close()
+    assert g.wait_slots(0) == 0
     assert_alive(g)
 
 
@@ -100,6 +123,7 @@ def test_max_conns_per_ip(gateway):
 
 
 def test_conn_rate_burst_then_429_then_ok(gateway):
+    """conn_rate counts new connections, whatever they ask (streams, publishes)."""
     g = gateway("--conn-rate", "2", "--conn-burst", "2", "--heartbeat-interval", "1s", "--drain-timeout", "1s")
     topic = uniq("rate")
     for _ in range(2):
@@ -110,17 +134,15 @@ def test_conn_rate_burst_then_429_then_ok(gateway):
         check_stream_error(s, 429)
         wait = retry_after(s)
     assert wait <= 2
-    # a closed stream gives no token back: still limited right away
-    with g.stream(f"/events?topic={topic}") as s:
-        check_stream_error(s, 429)
+    # a closed stream gives no token back, and a publisher's connection needs one too
+    assert g.publish({"topic": topic, "data": "x"}).status == 429
+    # another address has its own bucket
+    assert _publish_from(g, "127.0.0.3", {"topic": topic, "data": "y"}) == 200
     # after Retry-After the client is admitted again
     time.sleep(max(0.0, t_refused + wait - time.monotonic()) + 0.05)
     with g.stream(f"/events?topic={topic}") as s:
         assert s.status == 200, s.error_body
-    # publishing is not a stream connection and is never rate limited by conn_rate
-    for i in range(5):
-        assert g.publish({"topic": topic, "data": i}).status == 200
-    time.sleep(1.1)  # refill for the liveness check's own stream
+    time.sleep(1.1)  # refill for the liveness check's own connections
     assert_alive(g)
 
 

@@ -117,6 +117,12 @@ class IPFilter:
         return not self.allow or _in_any(addr, self.allow)
 
 
+def in_networks(ip: str, nets: tuple[Network | str, ...]) -> bool:
+    """True if ``ip`` (text, IPv4-mapped forms unmapped) is in one of ``nets``."""
+    addr = parse_ip(ip)
+    return addr is not None and _in_any(addr, _networks(nets))
+
+
 def client_ip(peer_ip: str, forwarded_for: str | None, trusted: tuple[Network | str, ...]) -> str:
     """The client address for limits and filters.
 
@@ -273,9 +279,11 @@ class Admission:
         self.max_connections = max_connections
         self.retry_after = max(1, int(retry_after))
 
-    def admit(self, ip: str, open_streams: int, now_ms: int, draining: bool) -> None:
-        """Admit a stream from ``ip``; on success the caller owns one ``per_ip`` slot and must
-        call ``per_ip.release(ip)`` when the stream ends.
+    def admit(self, ip: str, open_streams: int, now_ms: int, draining: bool, counted: bool = False) -> None:
+        """Admit a stream from ``ip``.  Unless its connection was ``counted`` when it was
+        accepted (see :meth:`admit_connection`), it is counted here (a connection from a
+        trusted proxy is counted per forwarded client, known only from the request), and on
+        success the caller owns one ``per_ip`` slot and must release it when the stream ends.
 
         Raises:
             Forbidden: the address is denied.
@@ -289,9 +297,21 @@ class Admission:
             raise Unavailable("draining", headers=retry)
         if self.max_connections > 0 and open_streams >= self.max_connections:
             raise Unavailable("at capacity", headers=retry)
+        if not counted:
+            self.admit_connection(ip, now_ms)
+
+    def admit_connection(self, ip: str, now_ms: int) -> None:
+        """Count one new connection from ``ip`` against ``conn_rate`` and ``max_conns_per_ip``;
+        on success the caller owns one ``per_ip`` slot and must release it when the connection
+        closes.
+
+        Raises:
+            TooManyRequests: per-IP rate or connection cap exceeded (with Retry-After).
+        """
         if self.rate is not None:
             wait = self.rate.take(ip, now_ms)
             if wait:
                 raise TooManyRequests("connection rate exceeded", headers=(("Retry-After", str(wait)),))
         if not self.per_ip.acquire(ip):
-            raise TooManyRequests("too many connections from this address", headers=retry)
+            raise TooManyRequests("too many connections from this address",
+                                  headers=(("Retry-After", str(self.retry_after)),))

@@ -194,17 +194,22 @@ def open_stream(w: Context, p: HTTPProtocol, req: h11.Request, query: bytes) -> 
     # Admission before token verification: a denied or rate-limited address must not be
     # able to make us run signature checks.
     ip = _client_ip(w, p, req)
-    w.admission.admit(ip, w.connections_open - 1, w.now_ms(), w.draining)
-    p.ip = ip
-    p.held_ip = True
+    # A connection counted when it was accepted holds its per-IP slot already; one from a
+    # trusted proxy is counted here, per forwarded client, for as long as its stream lives.
+    counted = p.held_ip
+    w.admission.admit(ip, w.connections_open - 1, w.now_ms(), w.draining, counted)
+    if not counted:
+        p.ip = ip
+        p.held_ip = True
     principal = None
     if w.subscribe_auth:
         token = w.auth.token_from(_header(req, b"authorization"), qtoken, _header(req, b"cookie"))
         try:
             principal = w.auth.authorize_subscribe(token, list(topics), time.time())
         except ProtocolError:
-            p.held_ip = False
-            w.admission.per_ip.release(ip)
+            if not counted:
+                p.held_ip = False
+                w.admission.per_ip.release(ip)
             raise
     # The head is complete: the head timer's job is done.
     if p.timer is not None:

@@ -64,7 +64,7 @@ MAX_STREAM_INBOUND = 64 * 1024
 # Timer kinds in the worker's wheel.
 T_HEAD, T_HEARTBEAT, T_DEADLINE = 1, 2, 3
 
-_REASONS = {
+REASONS = {
     200: b"OK", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",
     403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
     413: b"Content Too Large", 414: b"URI Too Long", 415: b"Unsupported Media Type",
@@ -353,7 +353,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         if close:
             hdrs.append((b"connection", b"close"))
         try:
-            out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=_REASONS.get(status, b"")))
+            out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=REASONS.get(status, b"")))
             if body and self.req is not None and self.req.method != b"HEAD":
                 out += conn.send(h11.Data(data=body))
             out += conn.send(h11.EndOfMessage())
@@ -412,7 +412,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             hdrs = [_SERVER, (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
                     (b"connection", b"close")]
             try:
-                out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=_REASONS.get(status, b"")))
+                out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=REASONS.get(status, b"")))
                 out += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
                 self.transport.write(out)
             except h11.LocalProtocolError:
@@ -421,7 +421,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
                 self.transport.write(
                     b"HTTP/1.1 %d %s\r\nserver: ssegw\r\ncontent-type: application/json\r\n"
                     b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-                    % (status, _REASONS.get(status, b""), len(body), body)
+                    % (status, REASONS.get(status, b""), len(body), body)
                 )
         self.close()
 
