@@ -23,7 +23,7 @@ import h11
 from ..broker.base import Broker
 from ..config import Config
 from ..core.conn import CLOSED, HEAD, STREAM, set_wpaused
-from ..core.errors import ProtocolError, Unavailable
+from ..core.errors import ProtocolError
 from ..core.fanout import Fanout
 from ..core.table import Table
 from ..core.wheel import TimerWheel
@@ -31,7 +31,7 @@ from ..metrics import FLUSH_EVENT_BUCKETS, FLUSH_MS_BUCKETS, FLUSH_WRITE_BUCKETS
 from ..policy.auth import Authenticator
 from ..policy.limits import Admission, ConnCounter, IPFilter, TokenBuckets, in_networks
 from .flow import Flow
-from .protocol import REASONS, T_HEAD, T_HEARTBEAT, HTTPProtocol, error_body
+from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol
 
 log = logging.getLogger("ssegw.worker")
 
@@ -170,7 +170,7 @@ class Context:
             # Every open connection counts (idle, mid-request, keep-alive, parked, streaming):
             # one over the limit is answered at once and closed, never kept.
             self.refused_capacity += 1
-            self._refuse_accepted(p, Unavailable("at capacity", headers=(("Retry-After", str(self.admission.retry_after)),)))
+            p.refuse(503, "unavailable", "at capacity", (("Retry-After", str(self.admission.retry_after)),))
             return
         if not self.trusted_proxies or not in_networks(p.ip, self.trusted_proxies):
             # conn_rate and max_conns_per_ip count connections, not only streams.  A trusted
@@ -179,22 +179,12 @@ class Context:
             try:
                 self.admission.admit_connection(p.ip, now)
             except ProtocolError as e:
-                self._refuse_accepted(p, e)
+                p.refuse(e.status_hint, e.code, e.detail, e.headers)
                 return
             p.held_ip = True
         p.due_ms = now + self.head_ms
         assert self.wheel is not None
         p.timer = self.wheel.schedule(p.due_ms, T_HEAD, p)
-
-    def _refuse_accepted(self, p: HTTPProtocol, e: ProtocolError) -> None:
-        """Answer a connection refused as it was accepted (before any request) and close it."""
-        self.count_response(e.status_hint)
-        body = error_body(e.code, e.detail)
-        extra = b"".join(b"%s: %s\r\n" % (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in e.headers)
-        p.transport.write(
-            b"HTTP/1.1 %d %s\r\nserver: ssegw\r\ncontent-type: application/json\r\n%scontent-length: %d\r\n"
-            b"connection: close\r\n\r\n%s" % (e.status_hint, REASONS.get(e.status_hint, b""), extra, len(body), body))
-        p.close()
 
     def on_closing(self, p: HTTPProtocol) -> None:
         self._detach(p)

@@ -27,7 +27,6 @@ from typing import cast
 from ..core.conn import STREAM, owed
 from ..core.fanout import SEGMENT_BYTES, Fanout, Plan, Segment, segments
 from ..core.history import Event
-from ..core.sse import chunk
 from .protocol import HTTPProtocol
 
 # The connections handled here are the server's protocol objects: core Conn records with an
@@ -164,8 +163,8 @@ class Flow:
             evs = b.take(SEGMENT_BYTES)
             if not evs:
                 break
-            raw = evs[0].frame if len(evs) == 1 else b"".join([e.frame for e in evs])
-            data = chunk(raw) if c.chunked else raw
+            seg = Segment(evs)
+            data = seg.framed if c.chunked else seg.raw
             try:
                 c.transport.write(data)
             except Exception:  # a bug or a broken transport: close this one

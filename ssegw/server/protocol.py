@@ -64,7 +64,7 @@ MAX_STREAM_INBOUND = 64 * 1024
 # Timer kinds in the worker's wheel.
 T_HEAD, T_HEARTBEAT, T_DEADLINE = 1, 2, 3
 
-REASONS = {
+_REASONS = {
     200: b"OK", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",
     403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
     413: b"Content Too Large", 414: b"URI Too Long", 415: b"Unsupported Media Type",
@@ -200,7 +200,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         limit = min(MAX_REQUEST_LINE, self.w.cfg.max_head_size)
         i = data.find(b"\n")
         if (self.line + len(data) if i < 0 else self.line + i) > limit:
-            self._refuse(414, "uri_too_long", f"request line is longer than {limit} bytes")
+            self.refuse(414, "uri_too_long", f"request line is longer than {limit} bytes")
             return False
         self.line = self.line + len(data) if i < 0 else -1
         return True
@@ -234,7 +234,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
                 what = str(e).split(":", 1)[0] or "malformed request"
                 log.debug("malformed request from %s: %s", self.ip, what)
                 code = "header_too_large" if status == 431 else "bad_request"
-                self._refuse(status, code, what)
+                self.refuse(status, code, what)
                 return
             if ev is h11.NEED_DATA or ev is h11.PAUSED:
                 return
@@ -247,7 +247,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
                 data = cast(h11.Data, ev).data
                 self.inbound += len(data)
                 if self.inbound > self.w.cfg.max_body:
-                    self._refuse(413, "payload_too_large", f"body is over max_body ({self.w.cfg.max_body} bytes)")
+                    self.refuse(413, "payload_too_large", f"body is over max_body ({self.w.cfg.max_body} bytes)")
                     return
                 assert self.body is not None
                 self.body.append(data)
@@ -269,17 +269,17 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         # here from what h11 parsed (the raw head differs by a few bytes of whitespace).
         line_len = len(req.method) + len(req.target) + 10
         if line_len > min(MAX_REQUEST_LINE, cfg.max_head_size):
-            self._refuse(414, "uri_too_long", f"request line is longer than {min(MAX_REQUEST_LINE, cfg.max_head_size)} bytes")
+            self.refuse(414, "uri_too_long", f"request line is longer than {min(MAX_REQUEST_LINE, cfg.max_head_size)} bytes")
             return
         head = line_len + sum(len(k) + len(v) + 4 for k, v in req.headers) + 2
         if head > cfg.max_head_size:
             self.w.count_protocol_error()
-            self._refuse(431, "header_too_large", f"request head is larger than max_head_size ({cfg.max_head_size} bytes)")
+            self.refuse(431, "header_too_large", f"request head is larger than max_head_size ({cfg.max_head_size} bytes)")
             return
         if req.http_version not in (b"1.1", b"1.0"):
             # h11 parses any HTTP/x.y; we speak 1.0 and 1.1 only (RFC 9110 15.6.6).
             self.w.count_protocol_error()
-            self._refuse(505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
+            self.refuse(505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
             return
         framing = 0
         for name, value in req.headers:
@@ -290,7 +290,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
                 except ValueError:
                     n = 0  # h11 has already validated it
                 if n > cfg.max_body:
-                    self._refuse(413, "payload_too_large", f"body is over max_body ({cfg.max_body} bytes)")
+                    self.refuse(413, "payload_too_large", f"body is over max_body ({cfg.max_body} bytes)")
                     return
             elif name == b"transfer-encoding":
                 framing |= 2
@@ -302,7 +302,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             # h11 itself refuses duplicated Transfer-Encoding and contradictory
             # Content-Length lines; identical Content-Length lines it reads as one.
             self.w.count_protocol_error()
-            self._refuse(400, "bad_framing", "request has both Content-Length and Transfer-Encoding")
+            self.refuse(400, "bad_framing", "request has both Content-Length and Transfer-Encoding")
             return
         try:
             # Refusals decided from the head come before the body is read and before any
@@ -353,7 +353,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         if close:
             hdrs.append((b"connection", b"close"))
         try:
-            out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=REASONS.get(status, b"")))
+            out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=_REASONS.get(status, b"")))
             if body and self.req is not None and self.req.method != b"HEAD":
                 out += conn.send(h11.Data(data=body))
             out += conn.send(h11.EndOfMessage())
@@ -403,25 +403,27 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         close = close or status >= 500 and status != 503
         self.respond(status, error_body(e.code, e.detail), headers=hdrs, close=close)
 
-    def _refuse(self, status: int, code: str, detail: str) -> None:
-        """Answer a request we could not parse (or read) and close the connection."""
+    def refuse(self, status: int, code: str, detail: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        """Answer a request we could not parse or read, or a connection refused as it was
+        accepted (before any request), and close the connection."""
         self.w.count_response(status)
         conn = self.h11
         if conn is not None and conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             body = error_body(code, detail)
-            hdrs = [_SERVER, (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+            extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+            hdrs = [_SERVER, (b"content-type", b"application/json"), *extra, (b"content-length", b"%d" % len(body)),
                     (b"connection", b"close")]
             try:
-                out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=REASONS.get(status, b"")))
+                out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=_REASONS.get(status, b"")))
                 out += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
                 self.transport.write(out)
             except h11.LocalProtocolError:
                 # h11 will not answer a peer it considers broken (e.g. a bad request line
-                # means it never learned the HTTP version); write a minimal 1.1 answer.
+                # means it never learned the HTTP version), nor one that has not asked yet
+                # (refused at accept); write a minimal 1.1 answer.
                 self.transport.write(
-                    b"HTTP/1.1 %d %s\r\nserver: ssegw\r\ncontent-type: application/json\r\n"
-                    b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-                    % (status, REASONS.get(status, b""), len(body), body)
+                    b"HTTP/1.1 %d %s\r\n%s\r\n\r\n%s"
+                    % (status, _REASONS.get(status, b""), b"\r\n".join(b"%s: %s" % kv for kv in hdrs), body)
                 )
         self.close()
 

@@ -367,7 +367,7 @@ class Worker(Context):
             p.close()
         else:
             self.head_timeouts += 1
-            p._refuse(408, "request_timeout", f"request not received within head_timeout ({self.cfg.head_timeout}s)")
+            p.refuse(408, "request_timeout", f"request not received within head_timeout ({self.cfg.head_timeout}s)")
 
     def _liveness(self, p: HTTPProtocol, now: int) -> None:
         """A stream's one timer: a heartbeat when it has been silent for an interval; for a
@@ -388,12 +388,10 @@ class Worker(Context):
             if conflate and p.wpaused and now - p.progress_ms >= self.stall_ms and self.flow.peer_dead(p):
                 self.drop(p, "dead_peer")
                 return
-            if p.wpaused:
-                p.timer = wheel.schedule(next_check(p, now, self.grace_ms, self.stall_ms), T_HEARTBEAT, p)
-                return
-            self.flow.pump(p, now)  # owed, and writable: catch up now
-            if p.state != STREAM:
-                return
+            if not p.wpaused:
+                self.flow.pump(p, now)  # owed, and writable: catch up now
+                if p.state != STREAM:
+                    return
             if p.backlog is not None or p.wpaused:
                 p.timer = wheel.schedule(next_check(p, now, self.grace_ms, self.stall_ms), T_HEARTBEAT, p)
                 return
