@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 from typing import Protocol, cast
 
@@ -57,6 +58,13 @@ log = logging.getLogger("ssegw.http")
 #: Longest request line we read (RFC 9112 3 recommends supporting at least 8000 octets;
 #: nginx's default large-header buffer is 8 KiB).  Longer is 414.
 MAX_REQUEST_LINE = 8192
+#: The end of a request head as h11 finds it (``\n\r?\n``), and what makes a head loose: a
+#: line ended by a bare LF, or an obs-fold continuation line (RFC 9112 2.2 and 5.2 let a
+#: server accept both; h11 does).  We refuse both (400 and close): an intermediary in front
+#: of us may split or join such lines differently and so see other header fields than we do
+#: -- a folded ``Transfer-Encoding`` is the classic request-smuggling shape.
+_HEAD_END = re.compile(rb"\n\r?\n")
+_LOOSE_HEAD = re.compile(rb"(?<!\r)\n|\n[ \t]")
 #: What a stream client may send us after its request (nothing is expected; a stray
 #: pipelined request or keepalive probe is tolerated and discarded up to this much).
 MAX_STREAM_INBOUND = 64 * 1024
@@ -224,6 +232,8 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             conn = self.h11
             if conn is None:
                 return
+            if self.state == HEAD and not self._strict_head(conn):
+                return
             try:
                 ev = conn.next_event()
             except h11.RemoteProtocolError as e:
@@ -256,6 +266,31 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             elif t is h11.ConnectionClosed:
                 self.close()
                 return
+
+    def _strict_head(self, conn: h11.Connection) -> bool:
+        """Look at the head h11 is about to parse, once it is complete: False (refused) if
+        it has a bare-LF line ending or an obs-fold line.
+
+        h11 keeps received bytes in its receive buffer and has no public read-only view of
+        it (``trailing_data`` copies the whole buffer, pipelined requests included); we read
+        the bytearray in place, and only up to the end of the head.  While the head is
+        incomplete, ``inbound`` (otherwise unused in HEAD) remembers how far we searched, so
+        a head sent a byte at a time is searched once, not once per byte.
+        """
+        buf = conn._receive_buffer._data  # noqa: SLF001 -- see above; pinned in pyproject
+        n = len(buf)
+        if n <= self.inbound:
+            return True
+        end = _HEAD_END.search(buf, max(0, self.inbound - 2))
+        if end is None:
+            self.inbound = n
+            return True
+        self.inbound = 0
+        if _LOOSE_HEAD.search(buf, 0, end.end()) is None:
+            return True
+        self.w.count_protocol_error()
+        self.refuse(400, "bad_request", "request head has a bare LF line ending or an obs-fold line")
+        return False
 
     def _on_request(self, req: h11.Request) -> None:
         self.req = req
