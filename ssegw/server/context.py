@@ -115,6 +115,10 @@ class Context:
         self.tick_count = 0
         self.timer_fires = 0
         self.refused_capacity = 0
+        # Public connections that fit in the open-files limit (Worker.start measures it),
+        # and whether we are at it now (logged once each way).
+        self.fd_capacity = 1 << 30
+        self.fd_full = False
         # Counters (plain ints; read by metrics at scrape time).
         self.connections_open = 0
         self.connections_accepted = 0
@@ -172,6 +176,17 @@ class Context:
             self.refused_capacity += 1
             p.refuse(503, "unavailable", "at capacity", (("Retry-After", str(self.admission.retry_after)),))
             return
+        if self.connections_open > self.fd_capacity:
+            # The open-files limit, less a reserve kept for the admin listener and the
+            # broker: refuse here, with an answer, rather than reach EMFILE (sockets.py).
+            self.refused_capacity += 1
+            if not self.fd_full:
+                self.fd_full = True
+                log.warning("open-files limit reached: %d public connections open; refusing new ones "
+                            "with 503 until some close (raise LimitNOFILE, or lower max_connections)",
+                            self.connections_open - 1)
+            p.refuse(503, "unavailable", "at capacity", (("Retry-After", str(self.admission.retry_after)),))
+            return
         if not self.trusted_proxies or not in_networks(p.ip, self.trusted_proxies):
             # conn_rate and max_conns_per_ip count connections, not only streams.  A trusted
             # proxy's connections carry many clients: those are counted per forwarded client
@@ -195,6 +210,10 @@ class Context:
             self.table.remove(p)
             if not p.admin:
                 self.connections_open -= 1
+                if self.fd_full and self.connections_open < self.fd_capacity - self.fd_capacity // 16:
+                    self.fd_full = False
+                    log.warning("below the open-files limit again: %d public connections open; accepting",
+                                self.connections_open)
         if self.draining:
             self._check_drained()
 

@@ -6,6 +6,8 @@ new connections between them and a new generation can accept before the old one 
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 
 #: listen() backlog.  A reconnect storm arrives as a burst of SYNs; the kernel caps this at
@@ -35,3 +37,35 @@ def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket
         sock.close()
         raise
     return sock
+
+
+#: Descriptors a worker keeps free beyond its public connections: the admin listener and
+#: its connections, the broker's connections (reconnects included), log files, and the
+#: descriptor the event loop itself reserves for accepting while at EMFILE.
+FD_RESERVE = 64
+
+
+def descriptor_budget(reserve: int = FD_RESERVE) -> tuple[int, int]:
+    """Raise this process's soft open-files limit to its hard limit (systemd starts services
+    with a soft limit of 1024 and a much higher hard one), and return ``(limit, public)``:
+    the limit, and how many public connections fit in it while ``reserve`` descriptors and
+    those already open stay free.
+
+    Past ``public`` the worker answers new public connections 503 (see Context.on_connect)
+    instead of letting accept() fail with EMFILE: at EMFILE the loop silently closes new
+    connections on every listener -- the admin one included -- and nothing says why.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass  # keep the soft limit we have
+    if soft == resource.RLIM_INFINITY:
+        return soft, 1 << 30
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 16
+    return soft, max(1, soft - in_use - reserve)

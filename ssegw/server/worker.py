@@ -48,7 +48,7 @@ from ..core.wheel import Timer, TimerWheel
 from . import handlers
 from .context import T_DRAIN, T_EXPIRE, T_LIFETIME, TICK_MS, Context
 from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol
-from .sockets import bind_socket
+from .sockets import bind_socket, descriptor_budget
 
 log = logging.getLogger("ssegw.worker")
 
@@ -123,6 +123,10 @@ class Worker(Context):
                 log.warning("broker not reachable after %.0fs; serving anyway", BROKER_START_WAIT)
         if public_socks is None:
             public_socks = [bind_socket(cfg.host, cfg.port)]
+        nofile, self.fd_capacity = descriptor_budget()
+        if 0 < cfg.max_connections and self.fd_capacity < cfg.max_connections:
+            log.warning("max_connections is %d but the open-files limit (%d) leaves room for %d public "
+                        "connections in this worker", cfg.max_connections, nofile, self.fd_capacity)
         for s in public_socks:
             self.flow.socket_options(s, self.hb_ms)  # inherited by every accepted socket
             self.servers.append(await loop.create_server(lambda: HTTPProtocol(self, False), sock=s, backlog=4096))
