@@ -18,8 +18,6 @@ import time
 from collections import deque
 from typing import Protocol, cast
 
-import h11
-
 from ..broker.base import Broker
 from ..config import Config
 from ..core.conn import CLOSED, HEAD, STREAM, set_wpaused
@@ -31,7 +29,7 @@ from ..metrics import FLUSH_EVENT_BUCKETS, FLUSH_MS_BUCKETS, FLUSH_WRITE_BUCKETS
 from ..policy.auth import Authenticator
 from ..policy.limits import Admission, ConnCounter, IPFilter, TokenBuckets, in_networks
 from .flow import Flow
-from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol
+from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol, Request
 
 log = logging.getLogger("ssegw.worker")
 
@@ -458,11 +456,11 @@ class Context:
         """Subscribe, replay and start an admitted stream (the request handlers')."""
         raise NotImplementedError
 
-    def check_head(self, p: HTTPProtocol, req: h11.Request) -> None:
+    def check_head(self, p: HTTPProtocol, req: Request) -> None:
         """Refuse from the head what need not wait for the body (the request handlers')."""
         raise NotImplementedError
 
-    def handle(self, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
+    def handle(self, p: HTTPProtocol, req: Request, body: bytes) -> None:
         """Serve a complete request (the request handlers')."""
         raise NotImplementedError
 

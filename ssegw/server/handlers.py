@@ -21,7 +21,6 @@ from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
-import h11
 import orjson
 
 from ..broker.base import BrokerUnavailable, PublishUnresolved, Replay
@@ -43,7 +42,7 @@ from ..core.topics import validate_topic
 from ..metrics import CONTENT_TYPE, make_registry, render
 from ..policy.limits import client_ip
 from .context import Context
-from .protocol import HTTPProtocol
+from .protocol import HTTPProtocol, Request
 
 log = logging.getLogger("ssegw.http")
 
@@ -57,14 +56,14 @@ _STREAM_HEADERS = [
 _OPEN_COMMENT = b": ok\n\n"
 
 
-def _header(req: h11.Request, name: bytes) -> str | None:
+def _header(req: Request, name: bytes) -> str | None:
     for k, v in req.headers:
         if k == name:
             return v.decode("latin-1")
     return None
 
 
-def _header_list(req: h11.Request, name: bytes) -> str | None:
+def _header_list(req: Request, name: bytes) -> str | None:
     """Every field line called ``name``, joined with ``", "`` in order (RFC 9110 section 5.3:
     a list-valued field may be split over several lines); None when there is none."""
     values = [v for k, v in req.headers if k == name]
@@ -73,7 +72,7 @@ def _header_list(req: h11.Request, name: bytes) -> str | None:
     return b", ".join(values).decode("latin-1")
 
 
-def handle(w: Context, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
+def handle(w: Context, p: HTTPProtocol, req: Request, body: bytes) -> None:
     path, _, query = req.target.partition(b"?")
     method = req.method
     if p.admin:
@@ -127,7 +126,7 @@ def cors_headers(w: Context, p: HTTPProtocol) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def preflight(w: Context, p: HTTPProtocol, req: h11.Request, methods: bytes) -> None:
+def preflight(w: Context, p: HTTPProtocol, req: Request, methods: bytes) -> None:
     hdrs = cors_headers(w, p)
     if hdrs:
         asked = _header(req, b"access-control-request-headers")
@@ -144,7 +143,7 @@ def preflight(w: Context, p: HTTPProtocol, req: h11.Request, methods: bytes) -> 
 # -- subscribe --------------------------------------------------------------------------
 
 
-def _client_ip(w: Context, p: HTTPProtocol, req: h11.Request) -> str:
+def _client_ip(w: Context, p: HTTPProtocol, req: Request) -> str:
     if not w.cfg.trusted_proxies:
         return p.ip
     # All the lines, as one list: the first line alone may be the client's own
@@ -152,7 +151,7 @@ def _client_ip(w: Context, p: HTTPProtocol, req: h11.Request) -> str:
     return client_ip(p.ip, _header_list(req, b"x-forwarded-for"), w.cfg.trusted_proxies)
 
 
-def parse_subscribe(w: Context, req: h11.Request, query: bytes) -> tuple[tuple[str, ...], str | None, str | None, str | None]:
+def parse_subscribe(w: Context, req: Request, query: bytes) -> tuple[tuple[str, ...], str | None, str | None, str | None]:
     """(topics, since, last_event_id, query_token) from a ``/events`` request; 400 if bad."""
     try:
         fields = parse_qsl(query.decode("latin-1"), keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS,
@@ -188,7 +187,7 @@ def parse_subscribe(w: Context, req: h11.Request, query: bytes) -> tuple[tuple[s
     return tuple(topics), since, last_id, token
 
 
-def open_stream(w: Context, p: HTTPProtocol, req: h11.Request, query: bytes) -> None:
+def open_stream(w: Context, p: HTTPProtocol, req: Request, query: bytes) -> None:
     topics, since, last_id, qtoken = parse_subscribe(w, req, query)
     after = parse_id(last_id) if last_id is not None else None
     # Admission before token verification: a denied or rate-limited address must not be
@@ -316,7 +315,7 @@ def _is_json(ctype: str | None) -> bool:
     return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
 
 
-def check_head(w: Context, p: HTTPProtocol, req: h11.Request) -> None:
+def check_head(w: Context, p: HTTPProtocol, req: Request) -> None:
     """Decide what can be decided from a request head before its body is read (and before
     ``100 Continue``): a ``POST /publish`` from a denied address or without valid
     credentials is refused here, so a stranger cannot make us buffer a body of max_body.
@@ -329,7 +328,7 @@ def check_head(w: Context, p: HTTPProtocol, req: h11.Request) -> None:
     _publisher(w, p, req)
 
 
-def _publisher(w: Context, p: HTTPProtocol, req: h11.Request) -> tuple[str | None, bool]:
+def _publisher(w: Context, p: HTTPProtocol, req: Request) -> tuple[str | None, bool]:
     """(Authorization, loopback) of an allowed publisher; raises the refusal otherwise."""
     ip = _client_ip(w, p, req)
     if not w.admission.ip_filter.allowed(ip):
@@ -342,7 +341,7 @@ def _publisher(w: Context, p: HTTPProtocol, req: h11.Request) -> tuple[str | Non
     return authz, loopback
 
 
-def publish(w: Context, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
+def publish(w: Context, p: HTTPProtocol, req: Request, body: bytes) -> None:
     # Checked from the head already (check_head); again here, as cheap as it is, so that
     # this handler is safe whoever calls it.
     authz, loopback = _publisher(w, p, req)
@@ -430,7 +429,7 @@ class LocalAdmin:
         return await w.broker.subscribers(topic, w.table.subscribers(topic))
 
 
-def _admin(w: Context, p: HTTPProtocol, req: h11.Request, path: bytes) -> None:
+def _admin(w: Context, p: HTTPProtocol, req: Request, path: bytes) -> None:
     if path not in _ADMIN_PATHS and not path.startswith(b"/admin/topics/"):
         raise NotFound(f"no such admin path: {path[:200].decode('latin-1')}")
     if req.method not in (b"GET", b"HEAD"):

@@ -44,6 +44,7 @@ from ..core.conn import (
     REQUEST,
     REQUEST_DONE,
     RESPOND,
+    STARTING,
     STREAM,
     STREAM_OPEN,
     Conn,
@@ -80,7 +81,36 @@ _REASONS = {
     500: b"Internal Server Error", 501: b"Not Implemented", 503: b"Service Unavailable",
     505: b"HTTP Version Not Supported",
 }
-_SERVER = (b"server", b"ssegw")
+
+
+class Request:
+    """A parsed request head: h11's Request, with its fields as a plain list.  Iterating
+    h11's ``Headers`` (a ``Sequence`` read item by item) costs ~2 us a pass, and serving a
+    publish looks at the fields several times (framing, auth, content type, keep-alive)."""
+
+    __slots__ = ("method", "target", "http_version", "headers")
+
+    def __init__(self, req: h11.Request) -> None:
+        self.method: bytes = req.method
+        self.target: bytes = req.target
+        self.http_version: bytes = req.http_version
+        #: (lower-cased name, value), in order
+        self.headers: list[tuple[bytes, bytes]] = list(req.headers)
+
+
+#: The error code of a head h11 refuses, by the status it hints (400 otherwise).
+_H11_CODES = {431: "header_too_large", 501: "not_implemented"}
+
+
+def _keep_alive(req: Request) -> bool:
+    """Whether the client lets the connection be reused after this request (what h11 would
+    decide: HTTP/1.1 without ``Connection: close``; h11 does not do HTTP/1.0 keep-alive)."""
+    if req.http_version != b"1.1":
+        return False
+    for name, value in req.headers:
+        if name == b"connection" and b"close" in [t.strip() for t in value.lower().split(b",")]:
+            return False
+    return True
 
 
 def error_body(code: str, detail: str) -> bytes:
@@ -118,9 +148,9 @@ class Owner(Protocol):
 
     def on_resume(self, p: HTTPProtocol) -> None: ...
 
-    def handle(self, p: HTTPProtocol, req: h11.Request, body: bytes) -> None: ...
+    def handle(self, p: HTTPProtocol, req: Request, body: bytes) -> None: ...
 
-    def check_head(self, p: HTTPProtocol, req: h11.Request) -> None: ...
+    def check_head(self, p: HTTPProtocol, req: Request) -> None: ...
 
     def arm_idle(self, p: HTTPProtocol) -> None: ...
 
@@ -132,7 +162,7 @@ class Owner(Protocol):
 
 
 class HTTPProtocol(Conn, asyncio.Protocol):
-    __slots__ = ("w", "h11", "admin", "req", "body", "line", "inbound", "held_ip", "driving", "served")
+    __slots__ = ("w", "h11", "admin", "req", "body", "rx", "mark", "inbound", "held_ip", "driving", "served")
 
     # Narrows core's ``Conn.transport`` (the core does no I/O and may not import asyncio):
     # from connection_made on, a socket's transport.
@@ -142,11 +172,16 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         self.init_conn()
         self.w = worker
         self.admin = admin
+        # Only while a chunked request body is read: h11 decodes it.  Heads are parsed by a
+        # throw-away h11.Connection each (see _read_head).
         self.h11: h11.Connection | None = None
-        self.req: h11.Request | None = None
-        self.body: list[bytes] | None = None
-        self.line = 0  # bytes of the current request line seen; -1 once it is complete
-        self.inbound = 0  # bytes received (body, or discarded bytes on a stream)
+        self.req: Request | None = None
+        self.body: list[bytes] | None = None  # a chunked body's pieces
+        self.rx: bytearray | None = None  # received, not yet parsed (head, body, pipelined)
+        # A position in rx: in HEAD, how far it was searched for the end of the head; in
+        # BODY (Content-Length framing), where the body ends.
+        self.mark = 0
+        self.inbound = 0  # bytes received (chunked body, or discarded bytes on a stream)
         self.held_ip = False  # holds a per-IP stream slot that must be released
         self.driving = False  # inside drive(): an answer must not re-enter it
         self.served = 0  # requests answered on this connection (keep-alive reuse)
@@ -160,7 +195,6 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         # One string per client address, not one per connection (~60 B each; many streams
         # share an address behind NAT or a proxy).  Addresses are a bounded set.
         self.ip = sys.intern(peer[0]) if peer else ""
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.w.cfg.max_head_size)
         self.w.on_connect(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -168,6 +202,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         self.h11 = None
         self.req = None
         self.body = None
+        self.rx = None
         self.w.on_close(self)
 
     def eof_received(self) -> bool:
@@ -183,180 +218,225 @@ class HTTPProtocol(Conn, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         state = self.state
-        if state > RESPOND or state == RESPOND and self.h11 is None:
+        if state > STARTING:
+            # A stream: nothing is expected from the client; a stray pipelined request or
+            # keepalive probe is tolerated and discarded, bounded.
             self.inbound += len(data)
             if self.inbound > MAX_STREAM_INBOUND:
                 self.w.count_protocol_error()
                 self.abort()
             return
-        if state == CLOSED or self.h11 is None:
-            return
-        if state == HEAD and self.line >= 0 and not self._check_line(data):
-            return
-        try:
-            self.h11.receive_data(data)
-        except RuntimeError:  # data after the client closed its side: nothing to parse
-            return
+        conn = self.h11
+        if conn is not None:  # a chunked body: h11 decodes it
+            try:
+                conn.receive_data(data)
+            except RuntimeError:  # data after the client closed its side: nothing to parse
+                return
+        elif self.rx is None:
+            self.rx = bytearray(data)
+        else:
+            self.rx += data
         self.drive()
 
-    def _check_line(self, data: bytes) -> bool:
-        """Refuse an over-long request line as soon as it is seen (414); False if refused.
-
-        Only a line still incomplete needs this (h11 would wait for up to max_head_size);
-        complete heads, pipelined ones included, are measured in :meth:`_on_request`.
-        """
-        limit = min(MAX_REQUEST_LINE, self.w.cfg.max_head_size)
-        i = data.find(b"\n")
-        if (self.line + len(data) if i < 0 else self.line + i) > limit:
-            self.refuse(414, "uri_too_long", f"request line is longer than {limit} bytes")
-            return False
-        self.line = self.line + len(data) if i < 0 else -1
-        return True
-
     # -- request cycle ----------------------------------------------------------------
+    #
+    # Why heads are cut out here and only they go to h11: h11 is the parser of request
+    # heads (and of chunked bodies), but a full h11 request/response cycle costs ~100 us a
+    # request on this class of machine, against ~30 us for the head alone (measured with
+    # tuning.md's publish-ingest benchmark).  So the connection keeps the received bytes
+    # itself (``rx``): it finds the end of the head, checks its size and line endings, gives
+    # exactly those bytes to a fresh h11.Connection (~2 us) and takes the Request; a
+    # Content-Length body is then sliced from ``rx``, answers are written as bytes, and
+    # whatever follows in ``rx`` is the next, pipelined request.  h11 never holds a body or
+    # a pipelined request, and an idle keep-alive connection holds no parser (~1.5 KB).
 
     def drive(self) -> None:
-        """Pull h11 events until it needs more data or a handler takes over."""
+        """Parse and serve requests from ``rx`` until more data is needed or a handler
+        takes over."""
         if self.driving:
             return
         self.driving = True
         try:
-            self._drive()
+            while True:
+                state = self.state
+                if state == HEAD:
+                    if self.wpaused:
+                        # The client is not reading our answers: parse nothing more (the next
+                        # answer would only pile up) and read nothing more (pipelined
+                        # requests wait in the kernel); next_request resumes both.
+                        if self.rx and self.transport.is_reading():
+                            self.transport.pause_reading()
+                        return
+                    if not self._read_head():
+                        return
+                elif state != BODY or not self._read_body():
+                    return
         finally:
             self.driving = False
 
-    def _drive(self) -> None:
-        # A head is not parsed while the transport is paused: the client is not reading
-        # our answers, so the next one would only pile up (see next_request).
-        while self.state == HEAD and not self.wpaused or self.state == BODY:
-            conn = self.h11
-            if conn is None:
-                return
-            if self.state == HEAD and not self._strict_head(conn):
-                return
-            try:
-                ev = conn.next_event()
-            except h11.RemoteProtocolError as e:
-                status = e.error_status_hint or 400
-                self.w.count_protocol_error()
-                # h11's messages may quote the offending line (a token, a cookie): keep only
-                # the part before the quote, in the log and in the answer.
-                what = str(e).split(":", 1)[0] or "malformed request"
-                log.debug("malformed request from %s: %s", self.ip, what)
-                code = "header_too_large" if status == 431 else "bad_request"
-                self.refuse(status, code, what)
-                return
-            if ev is h11.NEED_DATA or ev is h11.PAUSED:
-                return
-            # Dispatch on the exact type, once (uvicorn's h11_impl); mypy does not narrow
-            # ``ev`` through ``t``, hence the casts.
-            t = type(ev)
-            if t is h11.Request:
-                self._on_request(cast(h11.Request, ev))
-            elif t is h11.Data:
-                data = cast(h11.Data, ev).data
-                self.inbound += len(data)
-                if self.inbound > self.w.cfg.max_body:
-                    self.refuse(413, "payload_too_large", f"body is over max_body ({self.w.cfg.max_body} bytes)")
-                    return
-                assert self.body is not None
-                self.body.append(data)
-            elif t is h11.EndOfMessage:
-                self._dispatch()
-            elif t is h11.ConnectionClosed:
-                self.close()
-                return
-
-    def _strict_head(self, conn: h11.Connection) -> bool:
-        """Look at the head h11 is about to parse, once it is complete: False (refused) if
-        it has a bare-LF line ending or an obs-fold line.
-
-        h11 keeps received bytes in its receive buffer and has no public read-only view of
-        it (``trailing_data`` copies the whole buffer, pipelined requests included); we read
-        the bytearray in place, and only up to the end of the head.  While the head is
-        incomplete, ``inbound`` (otherwise unused in HEAD) remembers how far we searched, so
-        a head sent a byte at a time is searched once, not once per byte.
-        """
-        buf = conn._receive_buffer._data  # noqa: SLF001 -- see above; pinned in pyproject
-        n = len(buf)
-        if n <= self.inbound:
-            return True
-        end = _HEAD_END.search(buf, max(0, self.inbound - 2))
-        if end is None:
-            self.inbound = n
-            return True
-        self.inbound = 0
-        if _LOOSE_HEAD.search(buf, 0, end.end()) is None:
-            return True
-        self.w.count_protocol_error()
-        self.refuse(400, "bad_request", "request head has a bare LF line ending or an obs-fold line")
-        return False
-
-    def _on_request(self, req: h11.Request) -> None:
-        self.req = req
-        self.body = []
-        self.inbound = 0
-        advance(self, REQUEST)
-        self.line = -1
+    def _read_head(self) -> bool:
+        """Parse the head at the start of ``rx`` if it is complete; False if more data is
+        needed or the request was refused."""
+        rx = self.rx
+        if not rx:
+            return False
         cfg = self.w.cfg
-        # h11 bounds only *incomplete* heads (max_incomplete_event_size); a complete head
-        # that arrived in one segment, or pipelined behind another request, is measured
-        # here from what h11 parsed (the raw head differs by a few bytes of whitespace).
-        line_len = len(req.method) + len(req.target) + 10
-        if line_len > min(MAX_REQUEST_LINE, cfg.max_head_size):
-            self.refuse(414, "uri_too_long", f"request line is longer than {min(MAX_REQUEST_LINE, cfg.max_head_size)} bytes")
-            return
-        head = line_len + sum(len(k) + len(v) + 4 for k, v in req.headers) + 2
-        if head > cfg.max_head_size:
+        line_limit = min(MAX_REQUEST_LINE, cfg.max_head_size)
+        end_m = _HEAD_END.search(rx, max(0, self.mark - 2))
+        if end_m is None:
+            # Incomplete: refuse as soon as a limit is passed, not once the head is whole.
+            n = len(rx)
+            if rx.find(b"\n", 0, line_limit + 1) < 0 and n > line_limit:
+                self.refuse(414, "uri_too_long", f"request line is longer than {line_limit} bytes")
+            elif n > cfg.max_head_size:
+                self.w.count_protocol_error()
+                self.refuse(431, "header_too_large", f"request head is larger than max_head_size ({cfg.max_head_size} bytes)")
+            else:
+                self.mark = n
+            return False
+        end = end_m.end()
+        self.mark = 0
+        nl = rx.find(b"\n", 0, end)
+        if nl > line_limit:  # the line up to and including its CR
+            self.refuse(414, "uri_too_long", f"request line is longer than {line_limit} bytes")
+            return False
+        if end > cfg.max_head_size + 2:
             self.w.count_protocol_error()
             self.refuse(431, "header_too_large", f"request head is larger than max_head_size ({cfg.max_head_size} bytes)")
-            return
+            return False
+        if _LOOSE_HEAD.search(rx, 0, end) is not None:
+            self.w.count_protocol_error()
+            self.refuse(400, "bad_request", "request head has a bare LF line ending or an obs-fold line")
+            return False
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=cfg.max_head_size + 2)
+        conn.receive_data(bytes(rx[:end]))
+        del rx[:end]  # O(1): a bytearray drops its front without moving the rest
+        if not rx:
+            self.rx = None  # an idle keep-alive connection holds no buffer
+        try:
+            ev = conn.next_event()
+        except h11.RemoteProtocolError as e:
+            status = e.error_status_hint or 400
+            self.w.count_protocol_error()
+            # h11's messages may quote the offending line (a token, a cookie): keep only the
+            # part before the quote, in the log and in the answer.
+            what = str(e).split(":", 1)[0] or "malformed request"
+            log.debug("malformed request from %s: %s", self.ip, what)
+            self.refuse(status, _H11_CODES.get(status, "bad_request"), what)
+            return False
+        if type(ev) is not h11.Request:  # cannot be: the head given was complete
+            self.w.count_protocol_error()
+            self.refuse(400, "bad_request", "malformed request")
+            return False
+        return self._on_request(Request(cast(h11.Request, ev)), conn)
+
+    def _on_request(self, req: Request, conn: h11.Connection) -> bool:
+        self.req = req
+        self.inbound = 0
+        advance(self, REQUEST)
+        cfg = self.w.cfg
         if req.http_version not in (b"1.1", b"1.0"):
             # h11 parses any HTTP/x.y; we speak 1.0 and 1.1 only (RFC 9110 15.6.6).
             self.w.count_protocol_error()
             self.refuse(505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
-            return
+            return False
         framing = 0
+        length = 0
+        expect = False
         for name, value in req.headers:
             if name == b"content-length":
                 framing |= 1
-                try:
-                    n = int(value)
-                except ValueError:
-                    n = 0  # h11 has already validated it
-                if n > cfg.max_body:
+                length = int(value)  # h11 has validated it (digits, one value)
+                if length > cfg.max_body:
                     self.refuse(413, "payload_too_large", f"body is over max_body ({cfg.max_body} bytes)")
-                    return
+                    return False
             elif name == b"transfer-encoding":
                 framing |= 2
+            elif name == b"expect":
+                expect = value.lower() == b"100-continue"
         if framing == 3:
             # Both framings: the classic request-smuggling shape.  h11 would let
             # Transfer-Encoding win (RFC 9112 6.3 allows that), but an intermediary may have
             # read it the other way; refuse and close, so nothing behind it on this
             # connection is ever executed (RFC 9112 6.1: "ought to be handled as an error").
-            # h11 itself refuses duplicated Transfer-Encoding and contradictory
-            # Content-Length lines; identical Content-Length lines it reads as one.
+            # h11 itself refuses duplicated Transfer-Encoding, codings other than chunked
+            # (501) and contradictory Content-Length lines; identical Content-Length lines
+            # it reads as one.
             self.w.count_protocol_error()
             self.refuse(400, "bad_framing", "request has both Content-Length and Transfer-Encoding")
-            return
+            return False
         try:
             # Refusals decided from the head come before the body is read and before any
             # 100 Continue (auth, denied addresses): the body is never buffered for them.
             self.w.check_head(self, req)
         except ProtocolError as e:
             self.respond_error(e, close=True)
-            return
-        if self.h11 is not None and self.h11.they_are_waiting_for_100_continue:
-            self.transport.write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
+            return False
+        rx = self.rx
+        if framing == 2:
+            # Chunked: h11, which has seen the head, decodes the body from here on.
+            self.h11 = conn
+            self.body = []
+            if rx:
+                conn.receive_data(bytes(rx))
+            self.rx = None
+        else:
+            self.mark = length
+        if expect and req.http_version == b"1.1" and (framing == 2 or len(rx or b"") < length):
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
 
-    def _dispatch(self) -> None:
+    def _read_body(self) -> bool:
+        """Take the request's body once it is all here and dispatch it; False if more data is
+        needed, the request was refused, or its answer is pending."""
+        conn = self.h11
+        if conn is None:
+            n = self.mark
+            rx = self.rx
+            if not n:
+                body = b""
+            elif rx is None or len(rx) < n:
+                return False
+            else:
+                self.mark = 0  # from here on a position in the next head
+                body = bytes(rx[:n])
+                del rx[:n]
+                if not rx:
+                    self.rx = None
+            return self._dispatch(body)
+        while True:  # chunked
+            try:
+                ev = conn.next_event()
+            except h11.RemoteProtocolError as e:
+                self.w.count_protocol_error()
+                self.refuse(e.error_status_hint or 400, "bad_request", str(e).split(":", 1)[0] or "malformed body")
+                return False
+            t = type(ev)
+            if t is h11.Data:
+                data = cast(h11.Data, ev).data
+                self.inbound += len(data)
+                if self.inbound > self.w.cfg.max_body:
+                    self.refuse(413, "payload_too_large", f"body is over max_body ({self.w.cfg.max_body} bytes)")
+                    return False
+                assert self.body is not None
+                self.body.append(data)
+            elif t is h11.EndOfMessage:
+                rest = conn.trailing_data[0]  # the next, pipelined request (a copy; rare)
+                self.h11 = None
+                self.rx = bytearray(rest) if rest else None
+                body = b"".join(self.body or ())
+                self.body = None
+                return self._dispatch(body)
+            elif t is h11.ConnectionClosed:
+                self.close()
+                return False
+            else:  # NEED_DATA
+                return False
+
+    def _dispatch(self, body: bytes) -> bool:
+        """Serve the request; True if it was answered and the next one may be read."""
         req = self.req
-        body = b"".join(self.body or ())
-        self.body = None
         advance(self, REQUEST_DONE)
-        # Nothing more is read until this request is answered: pipelined requests wait in
-        # the kernel, not in our memory.
-        self.transport.pause_reading()
         assert req is not None
         try:
             self.w.handle(self, req, body)
@@ -367,6 +447,13 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             path = req.target.partition(b"?")[0][:200].decode("latin-1")
             log.exception("handler failed for %s %s", req.method.decode("latin-1"), path)
             self.respond_internal("internal server error")
+        if self.state in (RESPOND, STARTING):
+            # Answered later (a broker round trip, a replay): nothing more is read until
+            # then, so pipelined requests wait in the kernel, not in our memory (at most
+            # what one read brought sits in ``rx``); next_request or start_stream reads again.
+            self.transport.pause_reading()
+            return False
+        return self.state == HEAD
 
     # -- answers ----------------------------------------------------------------------
 
@@ -379,34 +466,27 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         close: bool = False,
     ) -> None:
         """Send a complete response; keep the connection for the next request if we can."""
-        conn = self.h11
-        if conn is None or self.state == CLOSED:
+        req = self.req
+        if req is None or self.state == CLOSED:
             return
-        hdrs = [_SERVER, (b"content-type", content_type), (b"content-length", b"%d" % len(body))]
-        hdrs.extend(headers)
-        close = close or self.w.draining or conn.their_state is not h11.DONE
-        if close:
-            hdrs.append((b"connection", b"close"))
-        try:
-            out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=_REASONS.get(status, b"")))
-            if body and self.req is not None and self.req.method != b"HEAD":
-                out += conn.send(h11.Data(data=body))
-            out += conn.send(h11.EndOfMessage())
-        except h11.LocalProtocolError as e:
-            log.debug("cannot answer %s: %s", self.ip, e)
-            self.abort()
-            return
-        self.transport.write(out)
+        # Close when asked, when draining, when the request's body was not read (an answer
+        # decided from the head), and when the client does not keep connections alive.
+        close = close or self.w.draining or self.state != RESPOND or not _keep_alive(req)
+        out = [b"HTTP/1.1 %d %s\r\nserver: ssegw\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+               % (status, _REASONS.get(status, b""), content_type, len(body))]
+        for k, v in headers:
+            out.append(b"%s: %s\r\n" % (k, v))
+        out.append(b"connection: close\r\n\r\n" if close else b"\r\n")
+        if body and req.method != b"HEAD":
+            out.append(body)
+        self.transport.write(b"".join(out))
         self.served += 1
-        if close or conn.our_state is h11.MUST_CLOSE:
+        if close:
             self.close()
             return
         # Keep-alive: start the next request cycle.
-        conn.start_next_cycle()
         self.req = None
         advance(self, KEEP_ALIVE)
-        self.line = 0
-        self.inbound = 0
         self.w.arm_idle(self)
         self.next_request()
 
@@ -417,9 +497,10 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         again."""
         if self.state != HEAD or self.wpaused:
             return
-        self.transport.resume_reading()
+        if not self.transport.is_reading():
+            self.transport.resume_reading()
         # An answer given later (a broker round trip) must also serve requests that were
-        # pipelined behind it and already sit in h11's buffer.
+        # pipelined behind it and already sit in ``rx``.
         if not self.driving:
             self.drive()
 
@@ -442,42 +523,46 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         """Answer a request we could not parse or read, or a connection refused as it was
         accepted (before any request), and close the connection."""
         self.w.count_response(status)
-        conn = self.h11
-        if conn is not None and conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+        if self.state <= RESPOND:  # no answer, or stream head, written for this request yet
             body = error_body(code, detail)
-            extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-            hdrs = [_SERVER, (b"content-type", b"application/json"), *extra, (b"content-length", b"%d" % len(body)),
-                    (b"connection", b"close")]
-            try:
-                out = conn.send(h11.Response(status_code=status, headers=hdrs, reason=_REASONS.get(status, b"")))
-                out += conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
-                self.transport.write(out)
-            except h11.LocalProtocolError:
-                # h11 will not answer a peer it considers broken (e.g. a bad request line
-                # means it never learned the HTTP version), nor one that has not asked yet
-                # (refused at accept); write a minimal 1.1 answer.
-                self.transport.write(
-                    b"HTTP/1.1 %d %s\r\n%s\r\n\r\n%s"
-                    % (status, _REASONS.get(status, b""), b"\r\n".join(b"%s: %s" % kv for kv in hdrs), body)
-                )
+            extra = b"".join(b"%s: %s\r\n" % (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers)
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\nserver: ssegw\r\ncontent-type: application/json\r\n%scontent-length: %d\r\n"
+                b"connection: close\r\n\r\n%s" % (status, _REASONS.get(status, b""), extra, len(body), body)
+            )
         self.close()
 
     # -- streams ----------------------------------------------------------------------
 
     def start_stream(self, headers: list[tuple[bytes, bytes]], first: bytes) -> None:
-        """Write the 200 head plus ``first`` (retry, reset, replay) and leave h11 behind."""
-        conn = self.h11
-        assert conn is not None
-        head = conn.send(h11.Response(status_code=200, headers=[_SERVER, *headers], reason=b"OK"))
-        self.chunked = conn.their_http_version != b"1.0"
+        """Write the 200 head plus ``first`` (retry, reset, replay); the rest of the
+        connection is the stream.
+
+        Framing (RFC 9112 6.1, 7.1): chunked for an HTTP/1.1 client, close-delimited for an
+        HTTP/1.0 one (which cannot read chunked).
+        """
+        req = self.req
+        assert req is not None
+        self.chunked = req.http_version != b"1.0"
+        out = [b"HTTP/1.1 200 OK\r\nserver: ssegw\r\n"]
+        for k, v in headers:
+            out.append(b"%s: %s\r\n" % (k, v))
+        if self.chunked:
+            out.append(b"transfer-encoding: chunked\r\n")
+        if not _keep_alive(req):
+            out.append(b"connection: close\r\n")
+        out.append(b"\r\n")
         self.h11 = None
         self.req = None
         self.body = None
+        self.rx = None
         self.inbound = 0
         advance(self, STREAM_OPEN)
         # Read again, only to notice the client closing (bytes are discarded, bounded).
-        self.transport.resume_reading()
-        self.transport.write(head + (_chunk(first) if self.chunked else first))
+        if not self.transport.is_reading():
+            self.transport.resume_reading()
+        out.append(_chunk(first) if self.chunked else first)
+        self.transport.write(b"".join(out))
 
     def send_stream(self, payload: bytes) -> None:
         """Write SSE bytes (heartbeat, retry) to an open stream, framed as needed."""

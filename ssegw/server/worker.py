@@ -27,8 +27,6 @@ import time
 from collections.abc import Callable
 from typing import cast
 
-import h11
-
 from ..broker.base import Broker
 from ..config import Config
 from ..core.conn import (
@@ -47,7 +45,7 @@ from ..core.sse import HEARTBEAT, encode_retry
 from ..core.wheel import Timer, TimerWheel
 from . import handlers
 from .context import T_DRAIN, T_EXPIRE, T_LIFETIME, TICK_MS, Context
-from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol
+from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol, Request
 from .sockets import bind_socket, descriptor_budget
 
 log = logging.getLogger("ssegw.worker")
@@ -189,7 +187,7 @@ class Worker(Context):
                 continue
             if p.state == STREAM:
                 self.set_deadline(p, now + int(random.uniform(0, drain_ms)), T_DRAIN)
-            elif p.state == HEAD and p.line == 0 and p.served and not p.admin:
+            elif p.state == HEAD and not p.rx and p.served and not p.admin:
                 # An idle public keep-alive connection.  A connection that has not sent its
                 # first request yet stays: it was accepted, so it gets an answer (a stream
                 # request gets 503 draining with Retry-After), not a silent close.  Admin
@@ -206,7 +204,7 @@ class Worker(Context):
         for p in self.records():
             if p is None or p.admin or p.state == CLOSED:
                 continue
-            if p.state == HEAD and p.line == 0 and p.inbound == 0:
+            if p.state == HEAD and not p.rx:
                 unasked = True  # accepted, nothing asked yet
                 continue
             return
@@ -234,10 +232,10 @@ class Worker(Context):
     def cors_headers(self, p: HTTPProtocol) -> list[tuple[bytes, bytes]]:
         return handlers.cors_headers(self, p)
 
-    def handle(self, p: HTTPProtocol, req: h11.Request, body: bytes) -> None:
+    def handle(self, p: HTTPProtocol, req: Request, body: bytes) -> None:
         handlers.handle(self, p, req, body)
 
-    def check_head(self, p: HTTPProtocol, req: h11.Request) -> None:
+    def check_head(self, p: HTTPProtocol, req: Request) -> None:
         handlers.check_head(self, p, req)
 
     def begin_stream(self, p: HTTPProtocol, args: tuple) -> None:
@@ -247,11 +245,7 @@ class Worker(Context):
 
     def on_events(self, events: list[Event]) -> None:
         """Broker callback: events in sequence order, ready to fan out."""
-        fan = self.fanout
-        queued = 0
-        for ev in events:
-            queued = fan.publish(ev)
-        self.schedule_flush(queued)
+        self.schedule_flush(self.fanout.publish_many(events))
 
     def schedule_flush(self, queued: int) -> None:
         if self.flush_handle is not None:
@@ -363,7 +357,7 @@ class Worker(Context):
             p.due_ms = now + self.idle_ms
         if now < p.due_ms:  # the deadline moved since this entry was armed (keep-alive)
             p.timer = wheel.schedule(p.due_ms, T_HEAD, p)
-        elif p.state == HEAD and p.line == 0:
+        elif p.state == HEAD and not p.rx:
             # Nothing of a request: an idle keep-alive connection, or one that never sent a
             # byte (that one is a head timeout too: slowloris starts that way).
             if not p.served:
