@@ -164,6 +164,23 @@ class Fanout:
         ts.batch.append(ev)
         return self.queued_writes
 
+    def publish_many(self, events: list[Event]) -> int:
+        """:meth:`publish` for each of ``events``, inlined.  Returns the writes now queued."""
+        topics = self.table.topics
+        n = self.arrivals
+        for ev in events:
+            n += 1
+            ev.n = n
+            ts = topics.get(ev.topic)
+            if ts is None or not ts.count:
+                continue
+            if not ts.batch:
+                self.dirty.append(ts)
+                self.queued_writes += ts.count
+            ts.batch.append(ev)
+        self.arrivals = n
+        return self.queued_writes
+
     # -- sweep side -----------------------------------------------------------------
 
     def sweep_step(self, now_ms: int, quota: int) -> tuple[bool, Plan]:

@@ -119,6 +119,25 @@ class HistoryStore:
         recent[topic] = None
         h.append(ev, now_ms)
 
+    def extend(self, events: list[Event], now_ms: int) -> None:
+        """:meth:`append` for each of ``events``, inlined (the publish path's hot loop)."""
+        topics = self.topics
+        recent = self._recent
+        for ev in events:
+            topic = ev.topic
+            h = topics.get(topic)
+            if h is None:
+                self.append(ev, now_ms)
+                continue
+            del recent[topic]
+            recent[topic] = None
+            q = h.events
+            q.append(ev)
+            while len(q) > h.size:
+                h.trimmed_upto = q.popleft().seq
+            if h.ttl_ms and q and q[0].ts_ms < now_ms - h.ttl_ms:
+                h.trim(now_ms)
+
     def _forget(self, topic: str) -> None:
         """Drop a topic's history; resumes on it are no longer covered (reset, not a gap)."""
         h = self.topics.pop(topic)

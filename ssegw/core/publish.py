@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from .errors import BadRequest, PayloadTooLarge
 from .sse import RESERVED_EVENT_PREFIX, data_lines, encode_body, validate_event_name
-from .topics import validate_topic
+from .topics import topic_match, validate_topic
 
 #: Longest conflation key, in characters; keys are map keys in a slow client's buffer.
 MAX_KEY_LEN = 256
@@ -102,5 +102,23 @@ def parse_publish(obj: object, max_batch: int, dumps: Callable[[object], bytes])
             raise PayloadTooLarge(
                 f"batch of {len(obj)} messages is over max_batch ({max_batch})", code="batch_too_large"
             )
-        return [parse_message(m, dumps, f"messages[{i}]") for i, m in enumerate(obj)]
+        out: list[Message] = []
+        append = out.append
+        for i, m in enumerate(obj):
+            # Fast path for the shape of nearly every message, {"topic": NAME, "data": ...}:
+            # the same checks as parse_message, inline (a batch of 100 spends most of its
+            # time here).  Anything else, or anything that fails, takes the full path, which
+            # also words the error.
+            if type(m) is dict and len(m) == 2:
+                topic = m.get("topic")
+                if type(topic) is str and "data" in m and topic_match(topic) is not None:
+                    data = m["data"]
+                    try:
+                        append(Message(topic, None, None,
+                                       data_lines(data) if type(data) is str else b"data: " + dumps(data) + b"\n"))
+                        continue
+                    except (BadRequest, TypeError, ValueError):
+                        pass
+            append(parse_message(m, dumps, f"messages[{i}]"))
+        return out
     return [parse_message(obj, dumps)]

@@ -19,6 +19,8 @@ from .errors import BadRequest
 MAX_TOPIC_LEN = 128
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_\-.:@/]{1,128}\Z")
 _SEGMENT_RE = re.compile(r"(?:[A-Za-z0-9_\-:@/]|\{sub\})+\Z")
+#: ``topic_match(name)`` is not None exactly when ``name`` (a str) is a valid topic name.
+topic_match = _TOPIC_RE.match
 
 
 def validate_topic(name: object) -> str:
