@@ -13,6 +13,9 @@ class ProtocolError(Exception):
 
     status_hint = 400
     code = "bad_request"
+    #: Why, for the metrics: one of a small fixed set (``metrics.AUTH_REASONS``,
+    #: ``metrics.REFUSED_REASONS``); "" when the raiser did not say.  Never shown to clients.
+    reason = ""
 
     def __init__(
         self,
@@ -21,6 +24,7 @@ class ProtocolError(Exception):
         status_hint: int | None = None,
         code: str | None = None,
         headers: tuple[tuple[str, str], ...] = (),
+        reason: str | None = None,
     ) -> None:
         super().__init__(detail)
         self.detail = detail
@@ -30,6 +34,8 @@ class ProtocolError(Exception):
             self.code = code
         # Extra response headers the answer must carry (Allow, Retry-After, ...).
         self.headers = headers
+        if reason is not None:
+            self.reason = reason
 
 
 class BadRequest(ProtocolError):

@@ -17,6 +17,9 @@ Strategy (docs/api.md "Auth"):
 - Token text never goes into an error detail: details are fixed sentences plus topic names.
 - Every failure is an :class:`Unauthorized` (401) or :class:`Forbidden` (403); hostile token
   text can raise nothing else (property-tested).
+- Every failure carries a ``reason`` from a small fixed set (``metrics.AUTH_REASONS``:
+  missing, malformed, bad_signature, bad_key, algorithm, expired, not_yet_valid, bad_claims,
+  topic_denied, publish_denied, not_loopback) for ``ssegw_auth_failures_total``.
 """
 
 from __future__ import annotations
@@ -109,13 +112,13 @@ def _numeric_claim(payload: dict[str, object], name: str) -> float | None:
         return None
     value = payload[name]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise Unauthorized(f"bad {name} claim")
+        raise Unauthorized(f"bad {name} claim", reason="bad_claims")
     try:
         number = float(value)
     except OverflowError:  # an int too large for a float
         number = math.inf
     if not math.isfinite(number):
-        raise Unauthorized(f"bad {name} claim")
+        raise Unauthorized(f"bad {name} claim", reason="bad_claims")
     return number
 
 
@@ -200,10 +203,10 @@ class Authenticator:
                 ``aud``/``iss``/``alg``, or an ``ssegw`` claim that is not lists of patterns.
         """
         if not token:
-            raise Unauthorized("missing token")
+            raise Unauthorized("missing token", reason="missing")
         if self._key is None:
             # Only publish keys are configured: no JWT can ever be valid.
-            raise Unauthorized("token verification is not configured")
+            raise Unauthorized("token verification is not configured", reason="bad_key")
         options = {
             "verify_exp": False,  # redone below against the caller's `now`
             "verify_nbf": False,
@@ -221,43 +224,43 @@ class Authenticator:
                 issuer=self.issuer or None,
             )
         except jwt.InvalidAlgorithmError:
-            raise Unauthorized("token algorithm not allowed") from None
+            raise Unauthorized("token algorithm not allowed", reason="algorithm") from None
         except jwt.InvalidSignatureError:
-            raise Unauthorized("bad token signature") from None
+            raise Unauthorized("bad token signature", reason="bad_signature") from None
         except (jwt.InvalidAudienceError, jwt.InvalidIssuerError, jwt.MissingRequiredClaimError) as exc:
             # MissingRequiredClaimError is raised only for aud/iss, when they are configured.
             aud = isinstance(exc, jwt.InvalidAudienceError) or getattr(exc, "claim", "") == "aud"
-            raise Unauthorized(f"token {'audience' if aud else 'issuer'} mismatch") from None
+            raise Unauthorized(f"token {'audience' if aud else 'issuer'} mismatch", reason="bad_claims") from None
         except jwt.PyJWTError:
             # DecodeError, InvalidKeyError, bad sub/jti types...: the token is malformed.
-            raise Unauthorized("malformed token") from None
+            raise Unauthorized("malformed token", reason="malformed") from None
         except (ValueError, TypeError, OverflowError, RecursionError):
             # Hostile text can reach PyJWT's internals: lone surrogates fail str.encode
             # (UnicodeError is a ValueError), deeply nested JSON exhausts the recursion limit,
             # huge integers exceed int parsing limits.  All mean "not a token we accept".
-            raise Unauthorized("malformed token") from None
+            raise Unauthorized("malformed token", reason="malformed") from None
         return self._principal(payload, now)
 
     def _principal(self, payload: dict[str, object], now: float) -> Principal:
         leeway = self.leeway
         exp = _numeric_claim(payload, "exp")
         if exp is not None and exp <= now - leeway:  # PyJWT's rule, with our clock
-            raise Unauthorized("token expired")
+            raise Unauthorized("token expired", reason="expired")
         for name in ("nbf", "iat"):
             start = _numeric_claim(payload, name)
             if start is not None and start > now + leeway:
-                raise Unauthorized("token not yet valid")
+                raise Unauthorized("token not yet valid", reason="not_yet_valid")
         sub = payload.get("sub")
         if sub is not None and not isinstance(sub, str):
-            raise Unauthorized("bad sub claim")
+            raise Unauthorized("bad sub claim", reason="bad_claims")
         claim = payload.get("ssegw", {})
         if not isinstance(claim, dict):
-            raise Unauthorized("bad ssegw claim")
+            raise Unauthorized("bad ssegw claim", reason="bad_claims")
         try:
             subscribe = compile_patterns(claim.get("subscribe", []))
             publish = compile_patterns(claim.get("publish", []))
         except ValueError:
-            raise Unauthorized("bad ssegw claim") from None
+            raise Unauthorized("bad ssegw claim", reason="bad_claims") from None
         return Principal(sub or None, subscribe, publish, exp)
 
     def authorize_subscribe(self, token: str | None, topics: list[str], now: float) -> Principal | None:
@@ -272,7 +275,7 @@ class Authenticator:
         principal = self.verify(token, now)
         for topic in topics:
             if not principal.can_subscribe(topic):
-                raise Forbidden(f"topic {topic!r} not allowed by token")
+                raise Forbidden(f"topic {topic!r} not allowed by token", reason="topic_denied")
         return principal
 
     def authorize_publish(
@@ -292,10 +295,10 @@ class Authenticator:
         if not self.enabled:
             if peer_is_loopback:
                 return
-            raise Forbidden("publishing without auth is allowed only from loopback")
+            raise Forbidden("publishing without auth is allowed only from loopback", reason="not_loopback")
         token = _bearer(authorization)
         if not token:
-            raise Unauthorized("missing token")
+            raise Unauthorized("missing token", reason="missing")
         if self._publish_keys:
             offered = token.encode("utf-8", "surrogatepass")
             matched = False
@@ -306,4 +309,4 @@ class Authenticator:
         principal = self.verify(token, now)
         for topic in topics:
             if not principal.can_publish(topic):
-                raise Forbidden(f"topic {topic!r} not allowed by token")
+                raise Forbidden(f"topic {topic!r} not allowed by token", reason="publish_denied")
