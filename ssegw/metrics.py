@@ -5,25 +5,67 @@ label lookups, no mmap writes per event -- prometheus-client's multiprocess valu
 lock and write an mmap on every ``inc()``).  At scrape time a custom collector reads one
 *snapshot* per worker (a flat dict of numbers) and emits the metric families, summing
 across workers.  With one process there is one snapshot; a supervisor gathers one per
-worker and feeds the same collector, so ``/metrics`` on the admin port always covers the
-whole host.
+worker (plus its own: ``worker_restarts``, ``watchdog_misses``) and feeds the same
+collector, so ``/metrics`` on the admin port always covers the whole host.
 
-Every metric is declared once in ``METRICS``: name, type, help and the snapshot key.
+Every metric is declared once, here: ``METRICS`` (plain counters and gauges),
+``LABELLED`` (counters with one label), ``HISTOGRAMS``.  The README's "Metrics" table
+lists the same names; ``tests/test_metrics_honest.py`` checks the two agree.
+
+Labels are bounded by construction: a labelled counter either has a fixed set of values
+declared here (anything else a snapshot carries is folded into ``other``) or takes HTTP
+status codes.  No label ever holds a topic, an address or a path.
+
+Histograms observe only things that happened: a flush that wrote nothing is not a flush,
+a publish that got no answer (its client left) has no duration.  Durations are float
+seconds (``Histogram.observe`` takes floats), so ``_sum`` is exact, not a sum of truncated
+milliseconds.  Weakness: timestamps that come from an event (``Event.ts_ms``) are whole
+milliseconds of the wall clock of whoever numbered the event (this process with the
+embedded broker, the Redis server with Redis), so the two event-age histograms have 1 ms
+resolution and, with Redis on another host, include the clock offset between the hosts.
+
+``process_*`` metrics are prometheus-client's ``ProcessCollector`` for the process that
+answers ``/metrics``: the worker itself when there is one process, the *supervisor* when
+there are several (per-worker memory and CPU are in ``/admin/stats``: ``rss_bytes``,
+``cpu_seconds``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import platform
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-# Buckets of the flush histograms: writes (connections) per flush and events per flush.
-FLUSH_WRITE_BUCKETS = (1, 10, 100, 1_000, 5_000, 10_000, 20_000, 50_000)
-FLUSH_EVENT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 1_000)
-# Milliseconds, exposed in seconds: flush duration and publish-to-flush delay.
-FLUSH_MS_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 150, 250, 500, 1_000, 2_500)
+from . import __version__
+
+# -- histogram buckets ----------------------------------------------------------------------
+# Counts per flush: socket writes (connections reached) and events carried.
+FLUSH_WRITE_BUCKETS: tuple[float, ...] = (1, 10, 100, 1_000, 5_000, 10_000, 20_000, 50_000)
+FLUSH_EVENT_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 20, 50, 100, 1_000)
+# Seconds.  A sweep to a handful of streams takes tens of microseconds, one over 10,000
+# streams 100-200 ms (tuning.md); the old millisecond boundaries are kept so dashboards
+# built on them still line up.
+FLUSH_SECONDS_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Event ages (flush delay, delivery lag): whole-millisecond timestamps, so nothing below 1 ms.
+EVENT_AGE_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# A publish on the embedded broker is answered in ~30-100 us; through Redis in a round trip
+# or two; an ambiguous one waits up to the broker's resolve timeout (tens of seconds).
+PUBLISH_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0)
+# The tick is a 50 ms timer; libuv fires timers on whole milliseconds, so an idle loop shows
+# 0-1 ms.  Past 50 ms a tick was missed entirely.
+LOOP_LAG_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+# -- metric declarations --------------------------------------------------------------------
 
 # (name, kind, help, snapshot key); kind is "counter" or "gauge".  Counter names are given
 # without the ``_total`` suffix; the exposition adds it.
@@ -38,7 +80,8 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("ssegw_events_delivered", "counter", "Events written to subscribers (one per subscriber).", "events_delivered"),
     ("ssegw_events_replayed", "counter", "Events sent from history on resume/since.", "events_replayed"),
     ("ssegw_bytes_written", "counter", "Bytes of event streams written to sockets.", "bytes_written"),
-    ("ssegw_flushes", "counter", "Batched flushes.", "flushes"),
+    ("ssegw_flushes", "counter",
+     "Flush sweeps completed, including sweeps that wrote nothing (every subscriber held).", "flushes"),
     ("ssegw_socket_writes", "counter", "transport.write calls made by flushes.", "writes"),
     ("ssegw_heartbeats_sent", "counter", "Heartbeat comments sent on silent streams.", "heartbeats"),
     ("ssegw_resets_sent", "counter", "ssegw.reset events sent (history gap not covered).", "resets"),
@@ -52,19 +95,92 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("ssegw_streams_closed_expired", "counter", "Streams closed because their token expired.", "closed_expired"),
     ("ssegw_broker_up", "gauge", "Workers whose broker is reachable (Redis up).", "broker_up"),
     ("ssegw_broker_reconnects", "counter", "Broker (Redis) reconnects.", "broker_reconnects"),
-    ("ssegw_broker_publish_errors", "counter", "Publishes the broker could not accept (answered 503, or 504 when unresolved).", "broker_publish_errors"),
-    ("ssegw_broker_publish_retries", "counter", "Publish calls re-sent with their request token after a lost reply.", "broker_publish_retries"),
+    ("ssegw_broker_publish_errors", "counter",
+     "Publishes the broker could not accept (answered 503, or 504 when unresolved).", "broker_publish_errors"),
+    ("ssegw_broker_publish_retries", "counter",
+     "Publish calls re-sent with their request token after a lost reply.", "broker_publish_retries"),
     ("ssegw_broker_gap_fills", "counter", "Gap fills from history after a broker reconnect.", "broker_gap_fills"),
     ("ssegw_broker_gap_events", "counter", "Events delivered by gap fills.", "broker_gap_events"),
     ("ssegw_broker_gaps_lost", "counter", "Gaps history could not fill (streams closed to resume).", "broker_gap_lost"),
     ("ssegw_workers", "gauge", "Worker processes running (1 without a supervisor).", "workers"),
     ("ssegw_worker_restarts", "counter", "Workers restarted by the supervisor after a crash.", "worker_restarts"),
+    ("ssegw_watchdog_misses", "counter",
+     "Worker heartbeats the supervisor's watchdog found missing (0 without a supervisor).", "watchdog_misses"),
 )
 
-LABELLED: tuple[tuple[str, str, str, str], ...] = (
-    ("ssegw_http_responses", "Error responses by status code.", "status", "responses"),
-    ("ssegw_slow_consumer_closed", "Connections closed by the slow-consumer policy, by reason.", "reason", "slow_closed"),
+#: Why a token or credential was refused (``Unauthorized``/``Forbidden`` raised by
+#: ``policy/auth.py`` carry one of these as ``reason``).
+AUTH_REASONS = ("missing", "malformed", "bad_signature", "bad_key", "algorithm", "expired", "not_yet_valid",
+                "bad_claims", "topic_denied", "publish_denied", "not_loopback", "other")
+#: Why admission or the protocol guards refused a connection or request.
+REFUSED_REASONS = ("capacity", "descriptors", "rate", "per_ip", "ip_denied", "draining", "head_timeout",
+                   "bad_request", "too_large", "other")
+#: Which broker operation failed.
+BROKER_ERROR_KINDS = ("publish", "replay", "reconnect", "gap_lost", "other")
+
+# (name, help, label, snapshot key, fixed label values or None for open-ended-but-bounded
+# values such as HTTP status codes).  A fixed set is always emitted in full (zeros
+# included), so rate() and alerts see the series before the first increment.
+LABELLED: tuple[tuple[str, str, str, str, tuple[str, ...] | None], ...] = (
+    ("ssegw_http_responses", "Error responses by status code.", "status", "responses", None),
+    ("ssegw_slow_consumer_closed", "Connections closed by the slow-consumer policy, by reason.", "reason",
+     "slow_closed", None),
+    ("ssegw_auth_failures", "Requests refused by authentication or topic authorization, by reason.", "reason",
+     "auth_failures", AUTH_REASONS),
+    ("ssegw_refused", "Connections or requests refused by admission or the protocol guards, by reason.",
+     "reason", "refused", REFUSED_REASONS),
+    ("ssegw_broker_errors", "Broker operations that failed, by kind.", "kind", "broker_errors",
+     BROKER_ERROR_KINDS),
 )
+
+# (name, help, snapshot key, bucket upper bounds).
+HISTOGRAMS: tuple[tuple[str, str, str, tuple[float, ...]], ...] = (
+    ("ssegw_flush_batch_writes", "Socket writes per flush (flushes that wrote something).", "hist_writes",
+     FLUSH_WRITE_BUCKETS),
+    ("ssegw_flush_batch_events", "Events per flush (flushes that wrote something).", "hist_events",
+     FLUSH_EVENT_BUCKETS),
+    ("ssegw_flush_duration_seconds",
+     "Time from the start of a flush sweep to its last socket write (flushes that wrote something).",
+     "hist_flush_s", FLUSH_SECONDS_BUCKETS),
+    ("ssegw_flush_delay_seconds",
+     "Age of a flush's oldest event when the sweep started (flushes that wrote something).",
+     "hist_delay_s", EVENT_AGE_BUCKETS),
+    ("ssegw_delivery_lag_seconds",
+     "Event timestamp to the flush's last socket write, for the oldest event of each flush that wrote something.",
+     "hist_lag_s", EVENT_AGE_BUCKETS),
+    ("ssegw_publish_duration_seconds",
+     "POST /publish: request head received to answer written, for every publish the handler answered.",
+     "hist_publish_s", PUBLISH_BUCKETS),
+    ("ssegw_event_loop_lag_seconds", "How late each worker tick fired after it was due.", "hist_loop_s",
+     LOOP_LAG_BUCKETS),
+)
+
+
+class Histogram:
+    """A fixed-bucket histogram kept as plain counts: ``observe`` is a C bisect and two adds.
+
+    Args:
+        bounds: ascending bucket upper bounds (``le``); one more count holds ``+Inf``.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, v: float) -> None:
+        # bisect_left: the first bound >= v, i.e. the bucket with v <= le.
+        self.counts[bisect_left(self.bounds, v)] += 1
+        self.sum += v
+
+    def snapshot(self) -> dict[str, object]:
+        return {"counts": list(self.counts), "sum": self.sum}
+
+
+def _num(v: object) -> float:
+    return float(v) if isinstance(v, (int, float)) else 0.0
 
 
 class SnapshotCollector(Collector):
@@ -73,75 +189,73 @@ class SnapshotCollector(Collector):
     def __init__(self, snapshots: Callable[[], Iterable[dict[str, object]]]) -> None:
         self._snapshots = snapshots
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         snaps = list(self._snapshots())
+        yield from self._plain(snaps)
+        yield from self._labelled(snaps)
+        yield from self._histograms(snaps)
+        info = GaugeMetricFamily("ssegw_build_info", "ssegw version and Python version (value is always 1).",
+                                 labels=["version", "python"])
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
+
+    @staticmethod
+    def _plain(snaps: list[dict[str, object]]) -> Iterator[Metric]:
         for name, kind, help_, key in METRICS:
-            total = sum(float(s.get(key, 0) or 0) for s in snaps)  # type: ignore[arg-type]
+            total = sum(_num(s.get(key, 0)) for s in snaps)
             if kind == "counter":
                 yield CounterMetricFamily(name, help_, value=total)
             else:
                 yield GaugeMetricFamily(name, help_, value=total)
-        for name, help_, label, key in LABELLED:
-            fam = CounterMetricFamily(name, help_, labels=[label])
-            merged: dict[str, float] = {}
+
+    @staticmethod
+    def _labelled(snaps: list[dict[str, object]]) -> Iterator[Metric]:
+        for name, help_, label, key, fixed in LABELLED:
+            merged: dict[str, float] = dict.fromkeys(fixed, 0.0) if fixed else {}
             for s in snaps:
-                for k, v in (s.get(key) or {}).items():  # type: ignore[union-attr]
-                    merged[str(k)] = merged.get(str(k), 0) + v
-            for k in sorted(merged):
+                d = s.get(key)
+                if not isinstance(d, dict):
+                    continue
+                for raw, v in d.items():
+                    k = str(raw)
+                    if fixed and k not in merged:
+                        k = "other"  # keeps the label set bounded whatever a snapshot holds
+                    merged[k] = merged.get(k, 0.0) + _num(v)
+            fam = CounterMetricFamily(name, help_, labels=[label])
+            for k in (fixed or sorted(merged)):
                 fam.add_metric([k], merged[k])
             yield fam
-        for name, help_, key, bounds, scale in (
-            ("ssegw_flush_batch_writes", "Socket writes per flush.", "hist_writes", FLUSH_WRITE_BUCKETS, 1),
-            ("ssegw_flush_batch_events", "Events per flush.", "hist_events", FLUSH_EVENT_BUCKETS, 1),
-            ("ssegw_flush_duration_seconds", "Time one flush (sweep) takes.", "hist_flush_ms", FLUSH_MS_BUCKETS,
-             1000),
-            ("ssegw_flush_delay_seconds", "Age of the oldest event when its flush starts (publish to sweep).",
-             "hist_delay_ms", FLUSH_MS_BUCKETS, 1000),
-        ):
+
+    @staticmethod
+    def _histograms(snaps: list[dict[str, object]]) -> Iterator[Metric]:
+        for name, help_, key, bounds in HISTOGRAMS:
             counts = [0] * (len(bounds) + 1)
             total_sum = 0.0
             for s in snaps:
                 h = s.get(key)
-                if not h:
+                if not isinstance(h, dict):
                     continue
-                for i, c in enumerate(h["counts"]):  # type: ignore[index]
-                    counts[i] += c
-                total_sum += h["sum"]  # type: ignore[index]
+                hc = h.get("counts")
+                if not isinstance(hc, list) or len(hc) != len(counts):
+                    continue  # another version's buckets: not summable with ours
+                for i, c in enumerate(hc):
+                    counts[i] += int(c)
+                total_sum += _num(h.get("sum"))
             cum = 0
             buckets = []
             for b, c in zip(bounds, counts, strict=False):
                 cum += c
-                buckets.append((str(b / scale) if scale != 1 else str(b), cum))
-            cum += counts[-1]
-            buckets.append(("+Inf", cum))
-            yield HistogramMetricFamily(name, help_, buckets=buckets, sum_value=total_sum / scale)
-
-
-class Histogram:
-    """A fixed-bucket histogram of ints kept as plain counts (observed on every flush)."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[int, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.sum = 0
-
-    def observe(self, v: int) -> None:
-        self.sum += v
-        for i, b in enumerate(self.bounds):
-            if v <= b:
-                self.counts[i] += 1
-                return
-        self.counts[-1] += 1
-
-    def snapshot(self) -> dict[str, object]:
-        return {"counts": list(self.counts), "sum": self.sum}
+                buckets.append((floatToGoString(b), cum))
+            buckets.append(("+Inf", cum + counts[-1]))
+            yield HistogramMetricFamily(name, help_, buckets=buckets, sum_value=total_sum)
 
 
 def make_registry(snapshots: Callable[[], Iterable[dict[str, object]]]) -> CollectorRegistry:
+    """A registry of every ``ssegw_*`` metric (from ``snapshots``) plus ``process_*`` of the
+    calling process."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(snapshots))
+    ProcessCollector(registry=registry)
     return registry
 
 

@@ -25,7 +25,15 @@ from ..core.errors import ProtocolError
 from ..core.fanout import Fanout
 from ..core.table import Table
 from ..core.wheel import TimerWheel
-from ..metrics import FLUSH_EVENT_BUCKETS, FLUSH_MS_BUCKETS, FLUSH_WRITE_BUCKETS, Histogram
+from ..metrics import (
+    EVENT_AGE_BUCKETS,
+    FLUSH_EVENT_BUCKETS,
+    FLUSH_SECONDS_BUCKETS,
+    FLUSH_WRITE_BUCKETS,
+    LOOP_LAG_BUCKETS,
+    PUBLISH_BUCKETS,
+    Histogram,
+)
 from ..policy.auth import Authenticator
 from ..policy.limits import Admission, ConnCounter, IPFilter, TokenBuckets, in_networks
 from .flow import Flow
@@ -53,6 +61,16 @@ STALL_MIN_MS, STALL_MAX_MS = 5_000, 120_000
 WRITE_HIGH = 64 * 1024
 # Close-deadline kinds (wheel timer kinds beyond the protocol's).
 T_LIFETIME, T_EXPIRE, T_DRAIN = 4, 5, 6
+#: ``ssegw_refused_total{reason}`` for admission's refusals (policy/limits.py raises them
+#: without a ``reason``; its details are fixed sentences, so they name the reason).
+#: tests/test_metrics_honest.py drives every one of them through ``Admission``.
+ADMISSION_REASONS = {
+    "client address denied": "ip_denied",
+    "draining": "draining",
+    "at capacity": "capacity",
+    "connection rate exceeded": "rate",
+    "too many connections from this address": "per_ip",
+}
 
 
 class AdminSource(Protocol):
@@ -139,10 +157,22 @@ class Context:
         self.parked: deque[tuple] = deque()
         self.unpark_handle: asyncio.Handle | None = None
         self.paced = 0
+        # By reason (fixed sets, metrics.AUTH_REASONS / REFUSED_REASONS); broker replays
+        # that failed (the broker counts its own publish errors and reconnects).
+        self.auth_failures: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
+        self.replay_errors = 0
+        # Histograms, observed only when the thing happened (see metrics.HISTOGRAMS).
         self.hist_writes = Histogram(FLUSH_WRITE_BUCKETS)
         self.hist_events = Histogram(FLUSH_EVENT_BUCKETS)
-        self.hist_flush = Histogram(FLUSH_MS_BUCKETS)
-        self.hist_delay = Histogram(FLUSH_MS_BUCKETS)
+        self.hist_flush = Histogram(FLUSH_SECONDS_BUCKETS)
+        self.hist_delay = Histogram(EVENT_AGE_BUCKETS)
+        self.hist_lag = Histogram(EVENT_AGE_BUCKETS)
+        self.hist_publish = Histogram(PUBLISH_BUCKETS)
+        self.hist_loop = Histogram(LOOP_LAG_BUCKETS)
+        # perf_counter() when a POST /publish head came in, until its handler runs (empty
+        # but for publishes whose body is still on its way; entries leave on close).
+        self.publish_t0: dict[HTTPProtocol, float] = {}
 
     def now_ms(self) -> int:
         assert self.loop is not None
@@ -172,12 +202,14 @@ class Context:
             # Every open connection counts (idle, mid-request, keep-alive, parked, streaming):
             # one over the limit is answered at once and closed, never kept.
             self.refused_capacity += 1
+            self.count_refused("capacity")
             p.refuse(503, "unavailable", "at capacity", (("Retry-After", str(self.admission.retry_after)),))
             return
         if self.connections_open > self.fd_capacity:
             # The open-files limit, less a reserve kept for the admin listener and the
             # broker: refuse here, with an answer, rather than reach EMFILE (sockets.py).
             self.refused_capacity += 1
+            self.count_refused("descriptors")
             if not self.fd_full:
                 self.fd_full = True
                 log.warning("open-files limit reached: %d public connections open; refusing new ones "
@@ -192,6 +224,7 @@ class Context:
             try:
                 self.admission.admit_connection(p.ip, now)
             except ProtocolError as e:
+                self.count_refusal(e)
                 p.refuse(e.status_hint, e.code, e.detail, e.headers)
                 return
             p.held_ip = True
@@ -204,6 +237,8 @@ class Context:
 
     def on_close(self, p: HTTPProtocol) -> None:
         self._detach(p)
+        if self.publish_t0:
+            self.publish_t0.pop(p, None)  # a publish whose handler never ran: no answer, no duration
         if p.slot >= 0:
             self.table.remove(p)
             if not p.admin:
@@ -304,10 +339,28 @@ class Context:
 
     def count_protocol_error(self) -> None:
         self.protocol_errors += 1
+        self.count_refused("bad_request")
 
     def count_response(self, status: int) -> None:
         key = str(status)
         self.responses[key] = self.responses.get(key, 0) + 1
+        if status == 413 or status == 414:
+            # Body over max_body, batch over max_batch, request line too long.  (431, a head
+            # over max_head_size, is a protocol error: counted as bad_request.)
+            self.count_refused("too_large")
+
+    def count_refused(self, reason: str) -> None:
+        """One refusal for ``ssegw_refused_total``; ``reason`` from metrics.REFUSED_REASONS."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def count_refusal(self, e: ProtocolError) -> None:
+        """Count an admission refusal (policy/limits.py's, or one that names its reason)."""
+        self.count_refused(e.reason or ADMISSION_REASONS.get(e.detail, "other"))
+
+    def count_auth_failure(self, e: ProtocolError) -> None:
+        """Count a refusal from policy/auth.py for ``ssegw_auth_failures_total``."""
+        reason = e.reason or "other"
+        self.auth_failures[reason] = self.auth_failures.get(reason, 0) + 1
 
     def stream_gate(self) -> bool:
         """May a stream start now?  False: the caller parks it (FIFO behind others)."""
@@ -444,10 +497,16 @@ class Context:
             **self._buffered(),
             "responses": dict(self.responses),
             "slow_closed": dict(self.slow_closed),
+            "auth_failures": dict(self.auth_failures),
+            "refused": dict(self.refused),
+            "replay_errors": self.replay_errors,
             "hist_writes": self.hist_writes.snapshot(),
             "hist_events": self.hist_events.snapshot(),
-            "hist_flush_ms": self.hist_flush.snapshot(),
-            "hist_delay_ms": self.hist_delay.snapshot(),
+            "hist_flush_s": self.hist_flush.snapshot(),
+            "hist_delay_s": self.hist_delay.snapshot(),
+            "hist_lag_s": self.hist_lag.snapshot(),
+            "hist_publish_s": self.hist_publish.snapshot(),
+            "hist_loop_s": self.hist_loop.snapshot(),
         }
 
     # -- what the worker provides ------------------------------------------------------

@@ -196,7 +196,11 @@ def open_stream(w: Context, p: HTTPProtocol, req: Request, query: bytes) -> None
     # A connection counted when it was accepted holds its per-IP slot already; one from a
     # trusted proxy is counted here, per forwarded client, for as long as its stream lives.
     counted = p.held_ip
-    w.admission.admit(ip, w.connections_open - 1, w.now_ms(), w.draining, counted)
+    try:
+        w.admission.admit(ip, w.connections_open - 1, w.now_ms(), w.draining, counted)
+    except ProtocolError as e:
+        w.count_refusal(e)
+        raise
     if not counted:
         p.ip = ip
         p.held_ip = True
@@ -205,7 +209,8 @@ def open_stream(w: Context, p: HTTPProtocol, req: Request, query: bytes) -> None
         token = w.auth.token_from(_header(req, b"authorization"), qtoken, _header(req, b"cookie"))
         try:
             principal = w.auth.authorize_subscribe(token, list(topics), time.time())
-        except ProtocolError:
+        except ProtocolError as e:
+            w.count_auth_failure(e)
             if not counted:
                 p.held_ip = False
                 w.admission.per_ip.release(ip)
@@ -249,6 +254,7 @@ def _replayed(w: Context, p: HTTPProtocol, task: asyncio.Task, principal: object
         return
     exc = task.exception()
     if exc is not None:
+        w.replay_errors += 1
         w.abandon_stream(p)
         advance(p, START_FAILED)
         # The connection was subscribed a moment ago: the answer closes it, so nothing of a
@@ -325,23 +331,56 @@ def check_head(w: Context, p: HTTPProtocol, req: Request) -> None:
     """
     if p.admin or req.method != b"POST" or req.target.partition(b"?")[0] != b"/publish":
         return
-    _publisher(w, p, req)
+    # The head is in: ssegw_publish_duration_seconds starts here (publish() takes it).
+    t0 = w.publish_t0[p] = time.perf_counter()
+    try:
+        _publisher(w, p, req)
+    except ProtocolError:
+        # Refused from the head; the protocol writes the answer as this returns.
+        del w.publish_t0[p]
+        w.hist_publish.observe(time.perf_counter() - t0)
+        raise
 
 
 def _publisher(w: Context, p: HTTPProtocol, req: Request) -> tuple[str | None, bool]:
     """(Authorization, loopback) of an allowed publisher; raises the refusal otherwise."""
     ip = _client_ip(w, p, req)
     if not w.admission.ip_filter.allowed(ip):
+        w.count_refused("ip_denied")
         raise Forbidden("client address denied", code="ip_denied")
     authz = _header(req, b"authorization")
     # The client, not the proxy in front of it: a trusted local reverse proxy must not turn
     # every remote publisher into a loopback one.
     loopback = _is_loopback(ip)
-    w.auth.authorize_publish(authz, [], time.time(), loopback)
+    _authorize_publish(w, authz, [], loopback)
     return authz, loopback
 
 
+def _authorize_publish(w: Context, authz: str | None, topics: list[str], loopback: bool) -> None:
+    try:
+        w.auth.authorize_publish(authz, topics, time.time(), loopback)
+    except ProtocolError as e:
+        w.count_auth_failure(e)
+        raise
+
+
 def publish(w: Context, p: HTTPProtocol, req: Request, body: bytes) -> None:
+    """Serve POST /publish, and observe ``ssegw_publish_duration_seconds`` for every answer
+    it gives: 200, a refusal (4xx), a broker failure (503/504) or a bug of ours (500).  A
+    publish whose client leaves before its answer is not observed."""
+    t0 = w.publish_t0.pop(p, None)  # set by check_head when the head came in
+    if t0 is None:
+        t0 = time.perf_counter()
+    try:
+        _publish(w, p, req, body, t0)
+    except Exception:
+        # Raised to the protocol, which writes the answer (4xx, or 500 for a bug) as this
+        # returns; re-raised, not handled here.
+        w.hist_publish.observe(time.perf_counter() - t0)
+        raise
+
+
+def _publish(w: Context, p: HTTPProtocol, req: Request, body: bytes, t0: float) -> None:
     # Checked from the head already (check_head); again here, as cheap as it is, so that
     # this handler is safe whoever calls it.
     authz, loopback = _publisher(w, p, req)
@@ -352,12 +391,13 @@ def publish(w: Context, p: HTTPProtocol, req: Request, body: bytes) -> None:
     except orjson.JSONDecodeError as e:
         raise BadRequest(f"invalid JSON: {e}", code="bad_json") from None
     msgs = parse_publish(obj, w.cfg.max_batch, orjson.dumps)
-    w.auth.authorize_publish(authz, sorted({m.topic for m in msgs}), time.time(), loopback)
+    _authorize_publish(w, authz, sorted({m.topic for m in msgs}), loopback)
     broker = w.broker
     cors = cors_headers(w, p)
     ids = broker.publish_now(msgs)
     if ids is not None:
         _published(w, p, ids, len(msgs), cors)
+        w.hist_publish.observe(time.perf_counter() - t0)
         return
     # No readiness check here: the broker answers for the shards this request touches
     # (BrokerUnavailable -> 503 at once when one of them is down).
@@ -365,12 +405,19 @@ def publish(w: Context, p: HTTPProtocol, req: Request, body: bytes) -> None:
     # waits for Redis, up to the broker's resolve timeout), not the client's; the head timer
     # sees the state (RESPOND) and does not answer 408 (worker._head_due).
     task = asyncio.get_running_loop().create_task(broker.publish(msgs))
-    task.add_done_callback(lambda t: _publish_done(w, p, t, len(msgs), cors))
+    task.add_done_callback(lambda t: _publish_done(w, p, t, len(msgs), cors, t0))
 
 
-def _publish_done(w: Context, p: HTTPProtocol, task: asyncio.Task, n: int, cors: list) -> None:
+def _publish_done(w: Context, p: HTTPProtocol, task: asyncio.Task, n: int, cors: list, t0: float) -> None:
     if p.state == CLOSED:
-        return
+        return  # the client left: no answer, no duration
+    try:
+        _publish_answer(w, p, task, n, cors)
+    finally:
+        w.hist_publish.observe(time.perf_counter() - t0)
+
+
+def _publish_answer(w: Context, p: HTTPProtocol, task: asyncio.Task, n: int, cors: list) -> None:
     if task.cancelled():  # the worker is shutting down with the publish in flight
         p.respond_error(OutcomeUnknown("the gateway stopped before the publish was confirmed"))
         return
@@ -493,14 +540,34 @@ def snapshot(w: Context) -> dict[str, object]:
     snap["broker_up"] = 1 if w.broker.ready() else 0
     for k in ("reconnects", "publish_errors", "publish_retries", "gap_fills", "gap_events", "gap_lost"):
         snap["broker_" + k] = b.get(k, 0)
+    snap["broker_errors"] = {
+        "publish": b.get("publish_errors", 0),
+        "replay": w.replay_errors,
+        "reconnect": b.get("reconnects", 0),
+        "gap_lost": b.get("gap_lost", 0),
+    }
     return snap
 
 
+def _process_usage() -> dict[str, object]:
+    """Resident memory (bytes, from /proc; absent elsewhere) and CPU time (s) of this process."""
+    out: dict[str, object] = {}
+    t = os.times()
+    out["cpu_seconds"] = round(t.user + t.system, 3)
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            out["rss_bytes"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux: no /proc
+        pass
+    return out
+
+
 def stats(w: Context) -> dict[str, object]:
-    snap = w.snapshot()
-    for k in ("hist_writes", "hist_events", "hist_flush_ms", "hist_delay_ms"):
-        snap.pop(k, None)
+    snap = {k: v for k, v in w.snapshot().items() if not k.startswith("hist_")}
     snap["pid"] = os.getpid()
+    # This process's own memory and CPU: /metrics' process_* are those of the process
+    # answering it (the supervisor, when there is one).
+    snap.update(_process_usage())
     snap["uptime_s"] = round(time.time() - w.started_at, 3)
     snap["draining"] = w.draining
     snap["broker"] = w.broker.stats()

@@ -44,6 +44,7 @@ from ..core.history import Event
 from ..core.sse import HEARTBEAT, encode_retry
 from ..core.wheel import Timer, TimerWheel
 from . import handlers
+from .acceptor import Acceptor
 from .context import T_DRAIN, T_EXPIRE, T_LIFETIME, TICK_MS, Context
 from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol, Request
 from .sockets import bind_socket, descriptor_budget
@@ -79,7 +80,7 @@ class Worker(Context):
     def __init__(self, cfg: Config, broker: Broker, *, extra_startup: Callable[[Worker], None] | None = None) -> None:
         super().__init__(cfg, broker)
         self.stopping: asyncio.Future[None] | None = None
-        self.servers: list[asyncio.Server] = []
+        self.acceptors: list[Acceptor] = []
         self.admin_servers: list[asyncio.Server] = []
         self.extra_startup = extra_startup
         self.parent_pid = 0  # set under a supervisor: drain if it disappears
@@ -87,7 +88,10 @@ class Worker(Context):
         # Flush scheduling.
         self.flush_handle: asyncio.Handle | None = None
         self.last_flush = 0.0
-        self.sweep_started = 0.0
+        self.sweep_started = 0.0  # perf_counter() at the start of the current sweep
+        self.sweep_oldest_ms = 0  # ts_ms of its oldest event (wall clock, ms)
+        self.sweep_delay = 0.0  # that event's age when the sweep started (s)
+        self.tick_due = 0.0  # loop.time() the next tick is due at
         self.next_full_gc = 0.0
         self.interval = cfg.flush_interval
 
@@ -127,7 +131,9 @@ class Worker(Context):
                         "connections in this worker", cfg.max_connections, nofile, self.fd_capacity)
         for s in public_socks:
             self.flow.socket_options(s, self.hb_ms)  # inherited by every accepted socket
-            self.servers.append(await loop.create_server(lambda: HTTPProtocol(self, False), sock=s, backlog=4096))
+            acc = Acceptor(loop, s, lambda: HTTPProtocol(self, False))
+            acc.start()
+            self.acceptors.append(acc)
         if control_path is not None:
             self.admin_servers.append(await loop.create_unix_server(lambda: HTTPProtocol(self, True), path=control_path))
         else:
@@ -135,12 +141,13 @@ class Worker(Context):
                 admin_socks = [bind_socket(cfg.admin_host, cfg.admin_port)]
             for s in admin_socks:
                 self.admin_servers.append(await loop.create_server(lambda: HTTPProtocol(self, True), sock=s))
-        loop.call_at(loop.time() + TICK_MS / 1000, self._tick)
+        self.tick_due = loop.time() + TICK_MS / 1000
+        loop.call_at(self.tick_due, self._tick)
         if self.extra_startup is not None:
             self.extra_startup(self)
 
     def bound_ports(self) -> tuple[int, int]:
-        pub = self.servers[0].sockets[0].getsockname()[1] if self.servers else 0
+        pub = self.acceptors[0].sock.getsockname()[1] if self.acceptors else 0
         adm = 0
         if self.admin_servers:
             name = self.admin_servers[0].sockets[0].getsockname()
@@ -178,8 +185,8 @@ class Worker(Context):
         self.draining = True
         assert self.loop is not None
         self.drain_started = self.loop.time()
-        for s in self.servers:
-            s.close()
+        for acc in self.acceptors:
+            acc.close()
         now = self.now_ms()
         drain_ms = int(self.cfg.drain_timeout * 1000)
         for p in list(self.records()):
@@ -248,8 +255,8 @@ class Worker(Context):
         self.schedule_flush(self.fanout.publish_many(events))
 
     def schedule_flush(self, queued: int) -> None:
-        if self.flush_handle is not None:
-            return
+        if self.flush_handle is not None or not self.fanout.dirty:
+            return  # one is coming, or nothing waits (events for topics nobody here follows)
         loop = self.loop
         assert loop is not None
         now = loop.time()
@@ -266,13 +273,20 @@ class Worker(Context):
         assert loop is not None
         fan = self.fanout
         if fan.current is None:
-            self.last_flush = self.sweep_started = loop.time()
             dirty = fan.dirty
-            if dirty:
-                # Publish-to-sweep delay of the oldest waiting event (wall clock, like ts_ms).
-                # (core.table types a topic's batch loosely; it holds Events.)
-                oldest = min(cast(Event, ts.batch[0]).ts_ms for ts in dirty)
-                self.hist_delay.observe(max(0, time.time_ns() // 1_000_000 - oldest))
+            if not dirty:
+                return  # nothing to sweep: not a flush, and nothing is observed
+            self.last_flush = loop.time()
+            # loop.time() is the time this loop iteration began (uvloop: whole ms): a
+            # duration needs a clock read now.
+            self.sweep_started = time.perf_counter()
+            # The sweep's oldest event (core.table types a topic's batch loosely; it holds
+            # Events); its age now and when its last write is done are observed at the end,
+            # if the sweep wrote anything.  Wall clock, like ts_ms.
+            oldest = self.sweep_oldest_ms = min(cast(Event, ts.batch[0]).ts_ms for ts in dirty)
+            self.sweep_delay = max(0.0, time.time() - oldest / 1000)
+        st = fan.stats
+        flushes = st.flushes
         now = self.now_ms()
         done, plan = fan.sweep_step(now, SLICE_WRITES)
         self.flow.carry_out(plan, now)
@@ -281,11 +295,15 @@ class Worker(Context):
             # events published meanwhile join this sweep for those not written yet.
             self.flush_handle = loop.call_soon(self.flush)
             return
-        st = fan.stats
-        if st.last_writes:
+        if st.flushes != flushes and st.last_writes:
+            # A sweep ended here and wrote to at least one socket.  Delivery lag is sampled:
+            # one event per flush, the oldest, to the flush's last write.
+            end = time.perf_counter()
             self.hist_writes.observe(st.last_writes)
             self.hist_events.observe(st.last_events)
-            self.hist_flush.observe(int((loop.time() - self.sweep_started) * 1000))
+            self.hist_flush.observe(end - self.sweep_started)
+            self.hist_delay.observe(self.sweep_delay)
+            self.hist_lag.observe(max(0.0, time.time() - self.sweep_oldest_ms / 1000))
         if fan.dirty:
             self.schedule_flush(fan.queued_writes)
 
@@ -296,7 +314,12 @@ class Worker(Context):
         assert loop is not None and self.wheel is not None
         if self.stopping is not None and self.stopping.done():
             return
-        loop.call_at(loop.time() + TICK_MS / 1000, self._tick)
+        # How late this tick is.  loop.time() and time.monotonic() share a clock (asyncio
+        # by definition; uvloop's is libuv's CLOCK_MONOTONIC in whole ms), and the clock must
+        # be read now: loop.time() is when this iteration began.
+        self.hist_loop.observe(max(0.0, time.monotonic() - self.tick_due))
+        self.tick_due = loop.time() + TICK_MS / 1000
+        loop.call_at(self.tick_due, self._tick)
         now = self.now_ms()
         for t in self.wheel.advance(now):
             if not t.active:  # cancelled by an earlier callback of this same batch
@@ -362,9 +385,11 @@ class Worker(Context):
             # byte (that one is a head timeout too: slowloris starts that way).
             if not p.served:
                 self.head_timeouts += 1
+                self.count_refused("head_timeout")
             p.close()
         else:
             self.head_timeouts += 1
+            self.count_refused("head_timeout")
             p.refuse(408, "request_timeout", f"request not received within head_timeout ({self.cfg.head_timeout}s)")
 
     def _liveness(self, p: HTTPProtocol, now: int) -> None:
