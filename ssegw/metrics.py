@@ -71,6 +71,9 @@ LOOP_LAG_BUCKETS: tuple[float, ...] = (
 # without the ``_total`` suffix; the exposition adds it.
 METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("ssegw_connections_open", "gauge", "Open client connections on the public listener.", "connections_open"),
+    ("ssegw_connections_max", "gauge",
+     "Public connections taken before new ones are refused (max_connections, or the open-files budget if lower).",
+     "connections_max"),
     ("ssegw_streams_open", "gauge", "Open SSE streams.", "streams_open"),
     ("ssegw_slots_in_use", "gauge", "Connection-table slots in use.", "slots_in_use"),
     ("ssegw_topics_active", "gauge", "Topics with at least one local subscriber.", "topics_active"),

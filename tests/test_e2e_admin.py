@@ -83,7 +83,7 @@ def test_metrics_is_prometheus_text(gw: Gateway) -> None:
     for line in text.splitlines():  # every sample line is "name[{labels}] number"
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
-            assert name.startswith("ssegw_"), line
+            assert name.startswith(("ssegw_", "process_")), line
             float(value)
     assert gw.wait_slots(0) == 0
 

@@ -469,6 +469,9 @@ class Context:
         return {
             "workers": 1,
             "connections_open": self.connections_open,
+            # The connections this worker takes before refusing: max_connections (its share)
+            # or the open-files budget, whichever is lower.
+            "connections_max": min(self.admission.max_connections or self.fd_capacity, self.fd_capacity),
             "streams_open": self.table.streams,
             "slots_in_use": len(self.table),
             "topics_active": len(self.table.topics),
