@@ -156,6 +156,7 @@ class Config:
     slow_grace: float = 5.0
     max_lifetime: float = 0.0
     drain_timeout: float = 10.0
+    worker_timeout: float = 30.0
     history_size: int = 1000
     history_ttl: float = 3600.0
     max_connections: int = 100000

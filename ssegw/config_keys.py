@@ -361,6 +361,12 @@ _KEYS: tuple[_Key, ...] = (
     ),
     _Key("max_lifetime", "duration", "close streams after this long (0 = off)"),
     _Key("drain_timeout", "duration", "spread stream closes over this on shutdown"),
+    _Key(
+        "worker_timeout",
+        "duration",
+        "a worker whose event loop has not answered the supervisor for this long is killed and replaced",
+        _above(0),
+    ),
     _Key("history_size", "int", "events kept per topic", _at_least(0)),
     _Key("history_ttl", "duration", "max age of kept events (0 = no age limit)"),
     _Key("max_connections", "int", "open public connections per host (idle, mid-request, keep-alive, streaming), split evenly over the workers (0 = unlimited)", _at_least(0)),
