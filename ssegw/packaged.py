@@ -1,0 +1,41 @@
+"""The files shipped for running ssegw as a systemd service, as ``ssegw print-systemd`` prints them.
+
+Strategy: one source of truth.  The canonical files live in the repository's ``systemd/``
+directory (where the README points); ``ssegw/data/`` holds symlinks to them, which building a
+wheel turns into copies, so an installed gateway can print exactly the unit, sysctl drop-in and
+example config it was released with -- an operator installing from a wheel has no checkout.
+``tests/test_systemd_unit.py`` checks that what this module returns is the repository's text.
+
+No I/O beyond reading package data, no logging: the caller writes the text where it wants.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+#: what -> (file in ssegw/data, where the README installs it).
+FILES: dict[str, tuple[str, str]] = {
+    "unit": ("ssegw.service", "/etc/systemd/system/ssegw.service"),
+    "sysctl": ("99-ssegw.conf", "/etc/sysctl.d/99-ssegw.conf"),
+    "config": ("ssegw.toml.example", "/etc/ssegw/ssegw.toml"),
+}
+
+
+def print_systemd(what: str) -> str:
+    """The text of one shipped file, for ``ssegw print-systemd WHAT``.
+
+    Args:
+        what: ``"unit"`` (ssegw.service), ``"sysctl"`` (99-ssegw.conf) or ``"config"``
+            (ssegw.toml.example).
+
+    Returns:
+        The file's text, unchanged (paths in it are the README's: /opt/ssegw, /etc/ssegw).
+
+    Raises:
+        ValueError: ``what`` is none of those; the message lists them.
+    """
+    try:
+        name, _ = FILES[what]
+    except KeyError:
+        raise ValueError(f"print-systemd: expected one of {', '.join(FILES)}, got {what!r}") from None
+    return (resources.files("ssegw") / "data" / name).read_text(encoding="utf-8")
