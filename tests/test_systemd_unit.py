@@ -152,6 +152,15 @@ def test_watchdog_outlasts_worker_replacement():
     assert parse_duration(_one("WatchdogSec")) >= 2 * worker_timeout
 
 
+def test_proc_keeps_what_metrics_read():
+    # ProcSubset=pid hides /proc/stat; ProcessCollector then finds no boot time and reports no
+    # process_* metric at all (no error, no log line).
+    import ssegw.metrics
+
+    if hasattr(ssegw.metrics, "ProcessCollector"):
+        assert _directives(UNIT.read_text()).get("ProcSubset", ["all"]) == ["all"]
+
+
 def test_somaxconn_covers_the_listen_backlog():
     values = _sysctl_settings()
     field = Config.__dataclass_fields__.get("backlog")
