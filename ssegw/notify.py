@@ -108,6 +108,13 @@ async def keep_alive(notifier: Notifier, healthy: Callable[[], bool]) -> None:
         await asyncio.sleep(period)
 
 
+async def report_status(notifier: Notifier, status: Callable[[], str], period: float) -> None:
+    """Send ``STATUS=`` + ``status()`` every ``period`` seconds; runs until cancelled."""
+    while True:
+        await asyncio.sleep(period)
+        notifier.status(status())
+
+
 def child_env(env: MutableMapping[str, str]) -> MutableMapping[str, str]:
     """``env`` without the systemd notification variables (for a worker process)."""
     for k in ENV_KEYS:

@@ -60,7 +60,7 @@ import orjson
 
 from .config import Config, ConfigError
 from .metrics import LABELLED, METRICS
-from .notify import Notifier, child_env, keep_alive
+from .notify import Notifier, child_env, keep_alive, report_status
 
 log = logging.getLogger("ssegw.supervisor")
 
@@ -208,7 +208,7 @@ class Supervisor:
                         loop.create_task(self._announce_ready()),
                         loop.create_task(keep_alive(self.notifier, self.responsive))]
         if self.notifier.enabled:
-            self._tasks.append(loop.create_task(self._status_loop()))
+            self._tasks.append(loop.create_task(report_status(self.notifier, self._status_text, STATUS_S)))
 
     async def wait(self) -> None:
         assert self.done is not None
@@ -541,11 +541,6 @@ class Supervisor:
         state = "draining" if self.draining else f"reloading (generation {self.gen})" if self._reloading \
             else "serving"
         return f"{state}: {live} worker{'s' if live != 1 else ''}, {conns} connections"
-
-    async def _status_loop(self) -> None:
-        while True:
-            await asyncio.sleep(STATUS_S)
-            self.notifier.status(self._status_text())
 
 
 def _signal(wp: WorkerProc, sig: int) -> None:
