@@ -1,6 +1,7 @@
 """The supervisor (``ssegw serve --workers N --redis URL``) with real worker processes, a real
 redis-server and real signals: aggregation of the admin routes, cross-worker fan-out, crash
-restart, zero-downtime SIGHUP reload, SIGTERM drain, and the startup checks of ``--workers``."""
+restart, zero-downtime SIGHUP reload, SIGTERM drain, and the startup checks of ``--workers``.
+Also SIGHUP with one worker, where the reload happens inside the process (cli.Generations)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 from checks import alive, ids, open_streams, publish, started, stop_supervised, uniq
 from checks import worker_stats as stats
 from harness import ROOT, Gateway, Stream, read_head, request, wait_until
+from test_multihost import Publisher
 
 WORKER_EXITED = re.compile(r"worker (\d+) exited")
 
@@ -409,6 +411,103 @@ def test_sighup_old_generation_answers_connections_it_accepted(cluster):
     # Accepted before the drain, so answered (CONTRACT: 503 while draining, with
     # Retry-After), never closed unanswered.
     assert results == ["503 retry-after=True"] * 4, results
+
+
+# -- SIGHUP with one worker: the reload happens inside the process ------------------------------
+
+
+@pytest.mark.parametrize("broker", ["memory", "redis"])
+def test_sighup_with_one_worker_is_zero_downtime(request, tmp_path, broker):
+    """CONTRACT Lifecycle: "SIGHUP: zero-downtime reload ..., with one worker or many".  A
+    publisher and new subscribers keep coming through the reload and none fails; the old
+    streams end with a retry: hint and resume on the new generation losing nothing (history
+    carries across, also with the embedded broker: no ssegw.reset); the re-read config is in
+    effect for new streams."""
+    cfg = tmp_path / "one.toml"
+    cfg.write_text('retry = "1s"\n')
+    extra = ("--redis", request.getfixturevalue("redis_server").url) if broker == "redis" else ()
+    g = Gateway("--config", str(cfg), "--drain-timeout", "1s", "--flush-interval", "10ms",
+                "--heartbeat-interval", "1s", *extra)
+    topic = uniq("hup1")
+    subs: list[Stream] = []
+    resumed: list[Stream] = []
+    hammer = Hammer(0, uniq("hammer1"), period=0.02)
+    pub = Publisher(g, topic)
+    try:
+        g.start()
+        assert g.proc is not None
+        subs = open_streams(g, topic, 4)
+        assert all(s.parser.retries == [1000] for s in subs)
+        hammer.port = g.port
+        hammer.start()
+        pub.start()
+        time.sleep(0.5)
+        cfg.write_text('retry = "2s"\n')
+        g.send(signal.SIGHUP)
+        t_hup = time.monotonic()
+        while time.monotonic() - t_hup < 2.5:
+            for s in subs:
+                s.pump(0.01)
+        pub.stop.set()
+        hammer.stop.set()
+        pub.join(10)
+        hammer.join(10)
+
+        assert any("reload: generation 2 serving" in line for line in g.log), "".join(g.log)
+        assert g.proc.poll() is None, "the process is the same one"
+        assert not pub.errors, pub.errors[:5]
+        assert len(pub.ids) >= 40
+        assert not hammer.failures, f"{len(hammer.failures)} failures ({hammer.ok} ok): {hammer.failures[:5]}"
+        assert hammer.ok >= 50
+
+        # Old streams: every event up to their close (published on either generation), then
+        # a retry: hint and the last chunk.
+        for s in subs:
+            assert s.wait_closed(3), "an old-generation stream was not closed"
+            assert s.ended and len(s.parser.retries) == 2
+            seen = ids(s)
+            assert seen == pub.ids[:len(seen)]
+            assert len(seen) >= 10
+        # They resume on the new generation and miss nothing; new streams have the new retry.
+        for s in subs:
+            r = g.stream(f"/events?topic={topic}", {"Last-Event-ID": ids(s)[-1]})
+            assert r.status == 200, r.error_body
+            resumed.append(r)
+        last = publish(g, topic, "last")
+        for s, r in zip(subs, resumed, strict=True):
+            assert r.wait_for(lambda x: last in ids(x), 5)
+            assert not [e for e in r.events if e.event == "ssegw.reset"], "history did not carry across"
+            assert ids(s) + ids(r) == [*pub.ids, last]
+            assert r.parser.retries[0] == 2000, "the re-read config is not in effect"
+        m = g.metrics()
+        assert m["ssegw_workers"] == 1
+        assert m["ssegw_events_published_total"] == len(pub.ids) + 1
+    finally:
+        pub.stop.set()
+        hammer.stop.set()
+        for s in subs + resumed:
+            s.close()
+        stop_supervised(g)
+
+
+def test_sighup_with_one_worker_keeps_serving_on_a_bad_config(gateway, tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('retry = "1s"\n')
+    g = gateway("--config", str(cfg), "--drain-timeout", "1s")
+    topic = uniq("hupbad")
+    with g.stream(f"/events?topic={topic}") as s:
+        cfg.write_text("no_such_key = 1\n")
+        g.send(signal.SIGHUP)
+        assert wait_until(lambda: any("generation 1 keeps serving" in line for line in g.log), 5, 0.05), \
+            "".join(g.log)
+        eid = publish(g, topic, "still here")
+        assert ids(s.wait_events(1, 3)) == [eid]
+        assert not s.closed
+    cfg.write_text('retry = "3s"\n')
+    g.send(signal.SIGHUP)
+    assert wait_until(lambda: any("generation 2 serving" in line for line in g.log), 5, 0.05), "".join(g.log)
+    with g.stream(f"/events?topic={topic}") as s2:
+        assert s2.parser.retries[0] == 3000
 
 
 # -- SIGTERM: drain everything, exit 0 ------------------------------------------------------------
