@@ -474,7 +474,7 @@ class Generations:
         for w in self.live:
             s = snapshot(w)
             if w is not self.current:
-                s["workers"] = 0  # a draining generation: its connections count, it does not
+                s["workers"] = s["broker_up"] = 0  # a draining generation: what it serves counts, it does not
             snaps.append(s)
         if self.retired:
             snaps.append(as_snapshot(self.retired))

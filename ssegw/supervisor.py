@@ -406,7 +406,8 @@ class Supervisor:
 
     async def snapshots(self) -> list[dict[str, object]]:
         """One snapshot per running worker (fresh, or its last one if it does not answer now;
-        a retiring worker's with ``workers`` 0), the retired counters, and the supervisor's own."""
+        a retiring worker's with ``workers`` and ``broker_up`` 0), the retired counters, and
+        the supervisor's own."""
         await asyncio.gather(*(self._fetch(wp, CONTROL_TIMEOUT) for wp in list(self.workers.values())))
         # No await from here on: the workers and the retired total are read in one step.
         snaps = []
@@ -416,7 +417,7 @@ class Supervisor:
             s = dict(wp.snap)
             s.update(as_snapshot(wp.counters))  # never below what an earlier answer showed
             if wp.retiring:
-                s["workers"] = 0
+                s["workers"] = s["broker_up"] = 0  # what it serves counts; it does not
             snaps.append(s)
         if self.retired:
             snaps.append(as_snapshot(self.retired))
