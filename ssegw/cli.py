@@ -496,7 +496,7 @@ class Generations:
     # -- systemd status ---------------------------------------------------------------------
 
     def _status_text(self) -> str:
-        conns = sum(int(w.snapshot().get("connections_open", 0) or 0) for w in self.live)  # type: ignore[call-overload]
+        conns = sum(w.connections_open for w in self.live)
         state = "draining" if self.draining else f"reloading (generation {self.gen})" if self.reloading \
             else "serving"
         return f"{state}: 1 worker, {conns} connections"

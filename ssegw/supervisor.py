@@ -301,14 +301,17 @@ class Supervisor:
         self.notifier.reloading()
         outcome = "reload failed"
         try:
+            cfg = self.cfg
             if self.reload_config is not None:
                 try:
-                    self._adopt(self.reload_config())
+                    cfg = self.reload_config()  # checked here: a bad config starts no workers
                 except ConfigError as e:
                     log.error("reload: %s; keeping generation %d", e, self.gen)
                     outcome = f"reload failed: {e}"
                     return
             outcome = await self._reload()
+            if outcome.startswith("reloaded"):
+                self._adopt(cfg)
         finally:
             self._reloading = False
             # READY=1 either way: a failed reload leaves the old generation serving.
