@@ -73,6 +73,8 @@ class NotifySink:
         self._stop.set()
         self._thread.join(2)
         self.sock.close()
+        if not self.address.startswith("@"):
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def monotonic_usec() -> int:
