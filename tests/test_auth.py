@@ -522,3 +522,35 @@ def test_verify_arbitrary_signed_payloads(payload: object) -> None:
         assert p.sub is None or isinstance(p.sub, str)
         p.can_subscribe("a.b")
         p.can_publish("a.b")
+
+
+# -- the verified-token cache ----------------------------------------------------------------
+
+
+def test_a_remembered_token_is_still_checked_against_the_clock() -> None:
+    a = Authenticator(algorithm="HS256", secret=SECRET)
+    tok = hs_token(claims(subscribe=["t"], exp=1_000_100, nbf=1_000_000))
+    assert a.authorize_subscribe(tok, ["t"], 1_000_050) is not None  # verified and remembered
+    with pytest.raises(Unauthorized, match="expired"):
+        a.authorize_subscribe(tok, ["t"], 1_000_200)
+    with pytest.raises(Unauthorized, match="not yet valid"):
+        a.authorize_subscribe(tok, ["t"], 999_000)
+    with pytest.raises(Forbidden):
+        a.authorize_subscribe(tok, ["u"], 1_000_050)  # claims still apply to a remembered token
+
+
+def test_a_refused_token_is_never_remembered() -> None:
+    a = Authenticator(algorithm="HS256", secret=SECRET)
+    bad = hs_token(claims(subscribe=["t"]), secret="another-secret-that-is-long-enough-0123456789")
+    for _ in range(2):
+        with pytest.raises(Unauthorized, match="signature"):
+            a.authorize_subscribe(bad, ["t"], 1_000_000)
+
+
+def test_a_new_authenticator_does_not_know_tokens_of_an_old_key() -> None:
+    """A reload builds a new Authenticator: a token signed with the old secret fails."""
+    tok = hs_token(claims(subscribe=["t"]))
+    assert Authenticator(algorithm="HS256", secret=SECRET).authorize_subscribe(tok, ["t"], 1_000_000)
+    rotated = Authenticator(algorithm="HS256", secret="rotated-secret-that-is-long-enough-0123456789")
+    with pytest.raises(Unauthorized):
+        rotated.authorize_subscribe(tok, ["t"], 1_000_000)
