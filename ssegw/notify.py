@@ -96,12 +96,22 @@ class Notifier:
             self._sock = None
 
 
+#: Longest pause between two watchdog pings while healthy.
+PING_MAX_S = 1.0
+
+
 async def keep_alive(notifier: Notifier, healthy: Callable[[], bool]) -> None:
-    """Send ``WATCHDOG=1`` every half watchdog interval while ``healthy()``; runs until
-    cancelled.  Being a coroutine on the event loop it sends nothing while the loop stalls."""
+    """Send ``WATCHDOG=1`` often (every second, or half the watchdog interval if shorter)
+    while ``healthy()``; runs until cancelled.  Being a coroutine on the event loop it sends
+    nothing while the loop stalls.
+
+    Why often: pings withheld while a worker is stalled must not leave a gap as long as the
+    interval once it is healthy again.  Pinging only every half interval, one withheld ping
+    made the gap the whole interval, and systemd restarted the service for a worker the
+    supervisor had already replaced."""
     if notifier.watchdog_s is None:
         return
-    period = notifier.watchdog_s / 2
+    period = min(notifier.watchdog_s / 2, PING_MAX_S)
     while True:
         if healthy():
             notifier.watchdog()
