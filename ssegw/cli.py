@@ -1,4 +1,4 @@
-"""Command line: ``ssegw serve`` and ``ssegw check-config``.
+"""Command line: ``ssegw serve``, ``ssegw check-config`` and ``ssegw print-systemd``.
 
 This is the one place that wires things together: it turns argv, the environment and the
 config file into a :class:`~ssegw.config.Config`, chooses the broker and starts a worker --
@@ -44,6 +44,7 @@ from .broker.base import Broker
 from .broker.memory import MemoryBroker
 from .config import Config, ConfigError, add_arguments, load, load_file, render
 from .notify import Notifier, keep_alive, report_status
+from .packaged import FILES, print_systemd
 
 if TYPE_CHECKING:
     from .core.history import Event
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(serve)
     check = sub.add_parser("check-config", help="validate a config file and print the effective config")
     check.add_argument("file", help="TOML config file")
+    units = sub.add_parser("print-systemd", help="print the systemd unit, sysctl drop-in or example config")
+    units.add_argument("what", choices=list(FILES), help="unit: ssegw.service, sysctl: 99-ssegw.conf, "
+                       "config: ssegw.toml.example (README \"Running under systemd\")")
     return parser
 
 
@@ -191,7 +195,7 @@ def _run_supervisor(cfg: Config, argv: list[str], reload_config: Callable[[], Co
     bound: list[int] = []
 
     def listen() -> socket.socket:
-        s = bind_socket(cfg.host, bound[0] if bound else cfg.port, reuse_port=True)
+        s = bind_socket(cfg.host, bound[0] if bound else cfg.port, reuse_port=True, backlog=cfg.backlog)
         if not bound:
             bound.append(s.getsockname()[1])
         return s
@@ -298,7 +302,7 @@ class Generations:
         loop = asyncio.get_running_loop()
         self.done = loop.create_future()
         cfg = self.cfg
-        self.pub = bind_socket(cfg.host, cfg.port)
+        self.pub = bind_socket(cfg.host, cfg.port, backlog=cfg.backlog)
         self.adm = bind_socket(cfg.admin_host, cfg.admin_port)
         # Pinging from the start: the first generation may wait for its broker a while.
         self._tasks.append(loop.create_task(keep_alive(self.notifier, lambda: True)))
@@ -505,6 +509,9 @@ class Generations:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "print-systemd":
+        sys.stdout.write(print_systemd(args.what))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
