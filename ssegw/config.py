@@ -159,6 +159,7 @@ class Config:
     worker_timeout: float = 30.0
     history_size: int = 1000
     history_ttl: float = 3600.0
+    backlog: int = 4096
     max_connections: int = 100000
     max_conns_per_ip: int = 0
     conn_rate: float = 0.0

@@ -369,6 +369,8 @@ _KEYS: tuple[_Key, ...] = (
     ),
     _Key("history_size", "int", "events kept per topic", _at_least(0)),
     _Key("history_ttl", "duration", "max age of kept events (0 = no age limit)"),
+    _Key("backlog", "int", "listen() backlog of the public listener; the kernel caps it at net.core.somaxconn "
+         "(the shipped sysctl drop-in sets 8192)", _at_least(1)),
     _Key("max_connections", "int", "open public connections per host (idle, mid-request, keep-alive, streaming), split evenly over the workers (0 = unlimited)", _at_least(0)),
     _Key("max_conns_per_ip", "int", "open connections per client IP, per worker (0 = unlimited)", _at_least(0)),
     _Key("conn_rate", "float", "new connections per second per IP (0 = off)", _at_least(0)),

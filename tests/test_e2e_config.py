@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from harness import ROOT
+from harness import ROOT, Gateway
 
 SECRET = "s3cr3t-" + uuid.uuid4().hex
 PUBKEY = "pk-" + uuid.uuid4().hex
@@ -254,3 +254,16 @@ def test_precedence_env_over_file(gateway) -> None:  # noqa: ANN001
     big = g.publish([{"topic": "cfg.a", "data": 1}, {"topic": "cfg.a", "data": 2}])
     assert_error_body(big.status, big.body, 413)  # max_batch = 1 from the file
     assert g.wait_slots(0) == 0
+
+
+def test_backlog_key_sets_the_listen_backlog() -> None:
+    """``backlog`` is the public listener's listen() backlog (``ss`` shows it as Send-Q)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2)")
+    with Gateway("--backlog", "123") as g:
+        out = subprocess.run(["ss", "-ltnH", f"sport = :{g.port}"], capture_output=True, text=True, check=True).stdout
+        fields = out.split()
+        assert fields and fields[2] == "123", out

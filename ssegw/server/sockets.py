@@ -10,12 +10,12 @@ import os
 import resource
 import socket
 
-#: listen() backlog.  A reconnect storm arrives as a burst of SYNs; the kernel caps this at
-#: net.core.somaxconn anyway.
+#: Default listen() backlog (config key ``backlog``).  A reconnect storm arrives as a burst of
+#: SYNs; the kernel caps this at net.core.somaxconn anyway.
 BACKLOG = 4096
 
 
-def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+def bind_socket(host: str, port: int, reuse_port: bool = False, backlog: int = BACKLOG) -> socket.socket:
     """A non-blocking listening TCP socket on (host, port).
 
     Raises:
@@ -31,7 +31,7 @@ def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(addr)
-        sock.listen(BACKLOG)
+        sock.listen(backlog)
         sock.setblocking(False)
     except OSError:
         sock.close()

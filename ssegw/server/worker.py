@@ -124,7 +124,7 @@ class Worker(Context):
             if not await self.broker.wait_ready(BROKER_START_WAIT):
                 log.warning("broker not reachable after %.0fs; serving anyway", BROKER_START_WAIT)
         if public_socks is None:
-            public_socks = [bind_socket(cfg.host, cfg.port)]
+            public_socks = [bind_socket(cfg.host, cfg.port, backlog=cfg.backlog)]
         nofile, self.fd_capacity = descriptor_budget()
         if 0 < cfg.max_connections and self.fd_capacity < cfg.max_connections:
             log.warning("max_connections is %d but the open-files limit (%d) leaves room for %d public "
