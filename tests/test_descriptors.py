@@ -6,7 +6,7 @@ it.  A worker keeps a reserve of descriptors: past its budget it answers new pub
 connections 503 (with Retry-After) and logs that once; admin, existing streams and the
 broker keep working; once connections close it accepts again (logged once).
 
-Real gateway under ``prlimit --nofile=200``, raw sockets.
+Real gateway under ``prlimit --nofile=400``, raw sockets.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 import pytest
 from harness import Gateway, wait_until
 
-LIMIT = 200
+LIMIT = 400
 
 pytestmark = pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
 

@@ -233,12 +233,23 @@ class Context:
         p.timer = self.wheel.schedule(p.due_ms, T_HEAD, p)
 
     def on_closing(self, p: HTTPProtocol) -> None:
+        # Uncounted as soon as we close it, not when the transport reports it lost (the next
+        # loop iteration): connections refused in one accept batch must not count against
+        # the ones admitted in the same batch.  (Their descriptors are still open until then:
+        # sockets.FD_RESERVE leaves room for one batch.)
         self._detach(p)
+        self._forget(p)
 
     def on_close(self, p: HTTPProtocol) -> None:
         self._detach(p)
         if self.publish_t0:
             self.publish_t0.pop(p, None)  # a publish whose handler never ran: no answer, no duration
+        self._forget(p)
+        if self.draining:
+            self._check_drained()
+
+    def _forget(self, p: HTTPProtocol) -> None:
+        """Take ``p`` out of the table and the open count (once)."""
         if p.slot >= 0:
             self.table.remove(p)
             if not p.admin:
@@ -247,8 +258,6 @@ class Context:
                     self.fd_full = False
                     log.warning("below the open-files limit again: %d public connections open; accepting",
                                 self.connections_open)
-        if self.draining:
-            self._check_drained()
 
     def on_pause(self, p: HTTPProtocol) -> None:
         set_wpaused(p, True, self.now_ms())

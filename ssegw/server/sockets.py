@@ -40,9 +40,10 @@ def bind_socket(host: str, port: int, reuse_port: bool = False, backlog: int = B
 
 
 #: Descriptors a worker keeps free beyond its public connections: the admin listener and
-#: its connections, the broker's connections (reconnects included), log files, and the
-#: descriptor the event loop itself reserves for accepting while at EMFILE.
-FD_RESERVE = 64
+#: its connections, the broker's connections (reconnects included), log files, the
+#: descriptor the event loop itself reserves for accepting while at EMFILE (64), and one
+#: accept batch (acceptor.ACCEPT_BATCH) of connections refused but not yet closed.
+FD_RESERVE = 64 + 128
 
 
 def descriptor_budget(reserve: int = FD_RESERVE) -> tuple[int, int]:
