@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, logs
 from .broker.base import Broker
 from .broker.memory import MemoryBroker
 from .config import Config, ConfigError, add_arguments, load, load_file, render
@@ -512,19 +512,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "print-systemd":
         sys.stdout.write(print_systemd(args.what))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    # Text until the configuration is read (it may warn about unknown SSEGW_* variables),
+    # then its log_format and log_level -- again on every reload.
+    logs.setup("text", "info")
     try:
         if args.command == "check-config":
             cfg = load_file(args.file)
             sys.stdout.write(render(cfg))
             return 0
         cfg = load(args)
-        logging.getLogger().setLevel(cfg.log_level.upper())
+        logs.setup(cfg.log_format, cfg.log_level)
 
         def reload_config() -> Config:
             new = load(args)
-            logging.getLogger().setLevel(new.log_level.upper())
+            logs.setup(new.log_format, new.log_level)
             return new
 
         return serve(cfg, list(argv if argv is not None else sys.argv[1:])[1:], reload_config)

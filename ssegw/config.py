@@ -170,6 +170,9 @@ class Config:
     cors_origins: tuple[str, ...] = ()
     cors_credentials: bool = False
     log_level: str = "info"
+    log_format: str = "text"
+    access_log: bool = True
+    access_log_sample: float = 1.0
     demo: bool = False
     auth: AuthConfig = field(default_factory=AuthConfig)
     topics: tuple[TopicRule, ...] = ()

@@ -386,6 +386,10 @@ _KEYS: tuple[_Key, ...] = (
         "debug, info, warning or error",
         choices=("debug", "info", "warning", "error"),
     ),
+    _Key("log_format", "choice", "log lines as text or json (one JSON object per line)", choices=("text", "json")),
+    _Key("access_log", "bool", "one access line per finished request or stream (logger ssegw.access)"),
+    _Key("access_log_sample", "float", "fraction of successful requests/streams given an access line "
+         "(errors, status >= 400, always are)", _between(0.0, 1.0)),
     _Key("demo", "bool", "serve the demo page at /"),
     _Key(
         "auth.jwt_algorithm",
