@@ -8,8 +8,7 @@
   project was written on, which a clone does not have) -- in a link or anywhere in its text.
 - The docs speak of the project, not of how it was made: no "issue #", "the lead", "helper",
   "session" (whole words, case-insensitive; line breaks count as spaces).  The allowed uses
-  are listed in ``ALLOWED``: "sticky sessions" (the load-balancer term) and the Redis pub/sub
-  session in tuning.md's failover section.
+  are listed in ``ALLOWED``: "sticky sessions" (the load-balancer term).
 - bench/SUMMARY.md agrees with tuning.md: every commit it names and every figure in its
   "measured" column appears in tuning.md, and bench/README.md links to it.
 """
@@ -41,7 +40,6 @@ EXTERNAL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)  # http:, https:, mailto:, .
 PROCESS_WORDS = re.compile(r"\bissue\s+#|\bthe\s+lead\b|\bhelpers?\b|\bsessions?\b", re.I)
 ALLOWED = [
     re.compile(r"\bsticky\s+sessions?\b", re.I),  # README.md, docs/api.md: the load-balancer term
-    re.compile(r"SUNSUBSCRIBE\s+reaches\s+the\s+session\b"),  # tuning.md: the gateway's Redis pub/sub session
 ]
 MACHINE_PATHS = re.compile(r"\.\./shared\b|(?<![\w.~-])/work(?:/|\b)")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -267,3 +268,17 @@ def test_backlog_key_sets_the_listen_backlog() -> None:
         out = subprocess.run(["ss", "-ltnH", f"sport = :{g.port}"], capture_output=True, text=True, check=True).stdout
         fields = out.split()
         assert fields and fields[2] == "123", out
+
+
+def test_a_port_in_use_is_named() -> None:
+    """Starting on a port another process holds fails at once, naming the address."""
+
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", 0))
+        held.listen(1)
+        port = held.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "ssegw", "serve", "--host", "127.0.0.1", "--port", str(port),
+                            "--admin-port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0
+    assert f"127.0.0.1:{port}" in r.stderr and "in use" in r.stderr, r.stderr

@@ -33,9 +33,10 @@ def bind_socket(host: str, port: int, reuse_port: bool = False, backlog: int = B
         sock.bind(addr)
         sock.listen(backlog)
         sock.setblocking(False)
-    except OSError:
+    except OSError as e:
         sock.close()
-        raise
+        # Name the address: "Address already in use" alone does not say which listener.
+        raise OSError(e.errno, f"cannot listen on {host or '*'}:{port}: {e.strerror}") from e
     return sock
 
 
