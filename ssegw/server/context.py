@@ -37,7 +37,7 @@ from ..metrics import (
 from ..policy.auth import Authenticator
 from ..policy.limits import Admission, ConnCounter, IPFilter, TokenBuckets, in_networks
 from .flow import Flow
-from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol, Request
+from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol, Request, configure_access
 
 log = logging.getLogger("ssegw.worker")
 
@@ -61,6 +61,9 @@ STALL_MIN_MS, STALL_MAX_MS = 5_000, 120_000
 WRITE_HIGH = 64 * 1024
 # Close-deadline kinds (wheel timer kinds beyond the protocol's).
 T_LIFETIME, T_EXPIRE, T_DRAIN = 4, 5, 6
+#: A slow-consumer verdict (``ssegw_slow_closed_total{reason}``) as an access line's close
+#: reason.
+DROP_REASONS = {"buffer": "slow_buffer", "stall": "slow_stall", "dead_peer": "dead_peer"}
 #: ``ssegw_refused_total{reason}`` for admission's refusals (policy/limits.py raises them
 #: without a ``reason``; its details are fixed sentences, so they name the reason).
 #: tests/test_metrics_honest.py drives every one of them through ``Admission``.
@@ -92,6 +95,8 @@ class Context:
     def __init__(self, cfg: Config, broker: Broker) -> None:
         self.cfg = cfg
         self.broker = broker
+        # Per process (a module setting of protocol.py): the newest generation's config wins.
+        configure_access(cfg.access_log, cfg.access_log_sample)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.table = Table(conflate_for=lambda t: cfg.topic_settings(t)[0] == "conflate")
         self.grace_ms = int(cfg.slow_grace * 1000)
@@ -335,7 +340,7 @@ class Context:
         if p.state == CLOSED:
             return
         self.slow_closed[reason] = self.slow_closed.get(reason, 0) + 1
-        p.abort()
+        p.abort(DROP_REASONS.get(reason, reason))
 
     def arm_idle(self, p: HTTPProtocol) -> None:
         """Keep-alive: the connection may idle for ``idle_ms``.  Lazy: the deadline moves on

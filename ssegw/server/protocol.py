@@ -27,8 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
+import socket
+import struct
 import sys
+import time
 from typing import Protocol, cast
 
 import h11
@@ -38,6 +42,7 @@ from ..core.conn import (
     BODY,
     CLOSE,
     CLOSED,
+    DRAINING,
     END,
     HEAD,
     KEEP_ALIVE,
@@ -55,6 +60,8 @@ from ..core.sse import LAST_CHUNK
 from ..core.sse import chunk as _chunk
 
 log = logging.getLogger("ssegw.http")
+#: One line per finished request or stream (README "Logs"); see :meth:`HTTPProtocol._access`.
+access_log = logging.getLogger("ssegw.access")
 
 #: Longest request line we read (RFC 9112 3 recommends supporting at least 8000 octets;
 #: nginx's default large-header buffer is 8 KiB).  Longer is 414.
@@ -81,6 +88,60 @@ _REASONS = {
     500: b"Internal Server Error", 501: b"Not Implemented", 503: b"Service Unavailable",
     505: b"HTTP Version Not Supported",
 }
+
+
+# -- access lines ---------------------------------------------------------------------
+#
+# One log call when a request is answered or a stream ends, nothing per event.  What a line
+# holds is chosen so that no secret can be in it: the path without its query string (it can
+# carry ?token=), never a header value, never the body.  Successful lines are sampled
+# (``access_log_sample``) with the stdlib's Mersenne Twister (~30 ns a draw); errors
+# (status >= 400) always get their line.  Successful requests on the admin listener (scrapes,
+# health checks) get none: they would drown the rest.
+
+_access_on = True
+_access_sample = 1.0
+_random = random.random
+#: What a stream line shows of its topics (all of them are counted).
+ACCESS_TOPICS = 3
+#: Longest path shown (the request line may be up to MAX_REQUEST_LINE).
+ACCESS_PATH = 200
+# struct tcp_info (linux/tcp.h): u64 tcpi_bytes_acked at offset 120 (Linux >= 4.1).
+_TCPI_BYTES_ACKED = 120
+_TCPI_LEN = _TCPI_BYTES_ACKED + 8
+
+
+def configure_access(on: bool, sample: float) -> None:
+    """Set ``access_log`` and ``access_log_sample`` (the worker does, from its config)."""
+    global _access_on, _access_sample
+    _access_on = on
+    _access_sample = sample
+
+
+def _wanted(status: int) -> bool:
+    if not _access_on or not access_log.isEnabledFor(logging.INFO):
+        return False
+    return status >= 400 or _access_sample >= 1.0 or _random() < _access_sample
+
+
+def _path(target: bytes) -> str:
+    # The path only: a query string can carry a token (?token=...).
+    return target.partition(b"?")[0][:ACCESS_PATH].decode("latin-1")
+
+
+def _bytes_acked(transport: asyncio.BaseTransport) -> int | None:
+    """Bytes of this connection the client's TCP acknowledged (TCP_INFO), or None (not TCP,
+    not Linux, already closed).  Read once, when a stream ends: no per-write counter."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_LEN)
+    except (OSError, AttributeError):  # closed meanwhile, not TCP, or no TCP_INFO
+        return None
+    if len(info) < _TCPI_LEN:
+        return None
+    return int(struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0])
 
 
 class Request:
@@ -162,7 +223,7 @@ class Owner(Protocol):
 
 
 class HTTPProtocol(Conn, asyncio.Protocol):
-    __slots__ = ("w", "h11", "admin", "req", "body", "rx", "mark", "inbound", "held_ip", "driving", "served")
+    __slots__ = ("w", "h11", "admin", "req", "body", "rx", "mark", "inbound", "held_ip", "driving", "served", "t0")
 
     # Narrows core's ``Conn.transport`` (the core does no I/O and may not import asyncio):
     # from connection_made on, a socket's transport.
@@ -185,6 +246,9 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         self.held_ip = False  # holds a per-IP stream slot that must be released
         self.driving = False  # inside drive(): an answer must not re-enter it
         self.served = 0  # requests answered on this connection (keep-alive reuse)
+        # time.monotonic() when the request being served began (its head was complete), or
+        # the stream started; for the access line's duration.  8 B of slot + a 24 B float.
+        self.t0 = 0.0
 
     # -- asyncio callbacks ------------------------------------------------------------
 
@@ -195,10 +259,17 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         # One string per client address, not one per connection (~60 B each; many streams
         # share an address behind NAT or a proxy).  Addresses are a bounded set.
         self.ip = sys.intern(peer[0]) if peer else ""
+        self.t0 = time.monotonic()
         self.w.on_connect(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        was = self.state
         advance(self, CLOSE)
+        if was == STREAM or was == DRAINING:
+            # Not closed by us (that logged already): the client went away.  A socket timeout
+            # is TCP_USER_TIMEOUT or keepalive giving up on a silent peer.
+            self._access_stream("client_closed" if exc is None else
+                                "dead_peer" if isinstance(exc, TimeoutError) else "client_reset")
         self.h11 = None
         self.req = None
         self.body = None
@@ -207,7 +278,10 @@ class HTTPProtocol(Conn, asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # A half-closed client will not read our answer either; close now (False) rather
-        # than keep a half-open socket around.
+        # than keep a half-open socket around.  A stream closes here, while its socket is
+        # still open, so that its access line can read what the client acknowledged.
+        if self.state == STREAM:
+            self.close("client_closed")
         return False
 
     def pause_writing(self) -> None:
@@ -224,7 +298,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             self.inbound += len(data)
             if self.inbound > MAX_STREAM_INBOUND:
                 self.w.count_protocol_error()
-                self.abort()
+                self.abort("protocol_error")
             return
         conn = self.h11
         if conn is not None:  # a chunked body: h11 decodes it
@@ -332,6 +406,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
 
     def _on_request(self, req: Request, conn: h11.Connection) -> bool:
         self.req = req
+        self.t0 = time.monotonic()
         self.inbound = 0
         advance(self, REQUEST)
         cfg = self.w.cfg
@@ -443,9 +518,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         except ProtocolError as e:
             self.respond_error(e)
         except Exception:  # a bug of ours: log it with its traceback, answer 500, keep serving
-            # The path only: a query string can carry a token (?token=...).
-            path = req.target.partition(b"?")[0][:200].decode("latin-1")
-            log.exception("handler failed for %s %s", req.method.decode("latin-1"), path)
+            log.exception("handler failed for %s %s", req.method.decode("latin-1"), _path(req.target))
             self.respond_internal("internal server error")
         if self.state in (RESPOND, STARTING):
             # Answered later (a broker round trip, a replay): nothing more is read until
@@ -464,8 +537,13 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         content_type: bytes = b"application/json",
         headers: list[tuple[bytes, bytes]] | tuple = (),
         close: bool = False,
+        error: str = "",
     ) -> None:
-        """Send a complete response; keep the connection for the next request if we can."""
+        """Send a complete response; keep the connection for the next request if we can.
+
+        Args:
+            error: the error code of an error answer, for the access line.
+        """
         req = self.req
         if req is None or self.state == CLOSED:
             return
@@ -479,8 +557,11 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         out.append(b"connection: close\r\n\r\n" if close else b"\r\n")
         if body and req.method != b"HEAD":
             out.append(body)
-        self.transport.write(b"".join(out))
+        data = b"".join(out)
+        self.transport.write(data)
         self.served += 1
+        if _access_on:
+            self._access(status, len(data), error)
         if close:
             self.close()
             return
@@ -517,7 +598,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         hdrs = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in e.headers]
         hdrs.extend(self.w.cors_headers(self))
         close = close or status >= 500 and status != 503
-        self.respond(status, error_body(e.code, e.detail), headers=hdrs, close=close)
+        self.respond(status, error_body(e.code, e.detail), headers=hdrs, close=close, error=e.code)
 
     def refuse(self, status: int, code: str, detail: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
         """Answer a request we could not parse or read, or a connection refused as it was
@@ -526,11 +607,58 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         if self.state <= RESPOND:  # no answer, or stream head, written for this request yet
             body = error_body(code, detail)
             extra = b"".join(b"%s: %s\r\n" % (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers)
-            self.transport.write(
+            data = (
                 b"HTTP/1.1 %d %s\r\nserver: ssegw\r\ncontent-type: application/json\r\n%scontent-length: %d\r\n"
                 b"connection: close\r\n\r\n%s" % (status, _REASONS.get(status, b""), extra, len(body), body)
             )
+            self.transport.write(data)
+            if _access_on:
+                self._access(status, len(data), code)
         self.close()
+
+    def _access(self, status: int, nbytes: int, error: str) -> None:
+        """The access line of an answered request (or of a connection refused before any)."""
+        now = time.monotonic()
+        if (status < 400 and self.admin) or not _wanted(status):
+            self.t0 = now
+            return
+        req = self.req
+        fields: dict[str, object] = {
+            "kind": "request",
+            "method": req.method.decode("latin-1") if req is not None else "-",
+            "path": _path(req.target) if req is not None else "-",
+            "status": status,
+            "duration_ms": round((now - self.t0) * 1000, 3),
+            "bytes_out": nbytes,
+            "ip": self.ip,
+        }
+        if error:
+            fields["error"] = error
+        if self.admin:
+            fields["listener"] = "admin"
+        access_log.info("request", extra={"fields": fields})
+        # Keep-alive: a next request's duration counts from its own head; a refusal without
+        # a request, from here (the end of the last answer) or the connection's start.
+        self.t0 = now
+
+    def _access_stream(self, reason: str) -> None:
+        """The access line of a stream that ended (``reason``: who or what ended it)."""
+        if not _wanted(200):
+            return
+        topics = self.topics
+        fields: dict[str, object] = {
+            "kind": "stream",
+            "status": 200,
+            "duration_s": round(time.monotonic() - self.t0, 3),
+            "topics": len(topics),
+            "topic_names": ",".join(topics[:ACCESS_TOPICS]),
+            "close": reason,
+            "ip": self.ip,
+        }
+        acked = _bytes_acked(self.transport) if reason != "client_reset" and reason != "dead_peer" else None
+        if acked is not None:
+            fields["bytes_out"] = acked
+        access_log.info("stream", extra={"fields": fields})
 
     # -- streams ----------------------------------------------------------------------
 
@@ -557,6 +685,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         self.body = None
         self.rx = None
         self.inbound = 0
+        self.t0 = time.monotonic()
         advance(self, STREAM_OPEN)
         # Read again, only to notice the client closing (bytes are discarded, bounded).
         if not self.transport.is_reading():
@@ -568,28 +697,37 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         """Write SSE bytes (heartbeat, retry) to an open stream, framed as needed."""
         self.transport.write(_chunk(payload) if self.chunked else payload)
 
-    def end_stream(self, last: bytes = b"") -> None:
-        """Close a stream from our side: ``last`` (e.g. a retry hint), the last chunk, FIN."""
+    def end_stream(self, last: bytes = b"", reason: str = "server") -> None:
+        """Close a stream from our side: ``last`` (e.g. a retry hint), the last chunk, FIN.
+        ``reason`` goes into the access line (lifetime, token_expired, drain, shutdown)."""
         if self.state != STREAM:
             if self.state != CLOSED:
-                self.abort()  # not started (or already ending): nothing to say
+                self.abort(reason)  # not started (or already ending): nothing to say
             return
         advance(self, END)
         if self.chunked:
             self.transport.write(_chunk(last) + LAST_CHUNK)
         elif last:
             self.transport.write(last)
-        self.close()
+        self.close(reason)
 
-    def close(self) -> None:
+    def close(self, reason: str = "server") -> None:
+        """Close after what was written; ``reason`` names why, for a stream's access line."""
         if self.state != CLOSED:
+            was = self.state
             advance(self, CLOSE)
+            if was == STREAM or was == DRAINING:
+                self._access_stream(reason)  # before on_closing takes its topics
             self.w.on_closing(self)
         self.transport.close()
 
-    def abort(self) -> None:
+    def abort(self, reason: str = "error") -> None:
+        """Close now, discarding what is not sent; ``reason`` as for :meth:`close`."""
         if self.state != CLOSED:
+            was = self.state
             advance(self, CLOSE)
+            if was == STREAM or was == DRAINING:
+                self._access_stream(reason)
             self.w.on_closing(self)
         self.transport.abort()
 

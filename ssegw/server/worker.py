@@ -247,9 +247,9 @@ class Worker(Context):
         for p in list(self.records()):
             if p is not None and p.state != CLOSED:
                 if p.state == STREAM:
-                    p.end_stream(encode_retry(self.jittered_retry()))
+                    p.end_stream(encode_retry(self.jittered_retry()), "shutdown")
                 else:
-                    p.abort()
+                    p.abort("shutdown")
         if self.stopping is not None and not self.stopping.done():
             self.stopping.set_result(None)
 
@@ -420,9 +420,13 @@ class Worker(Context):
         p.deadline = None
         if kind == T_LIFETIME:
             self.closed_lifetime += 1
+            reason = "lifetime"
         elif kind == T_EXPIRE:
             self.closed_expired += 1
-        p.end_stream(encode_retry(self.jittered_retry()))
+            reason = "token_expired"
+        else:
+            reason = "drain"  # draining, or a history gap (Context.on_gap)
+        p.end_stream(encode_retry(self.jittered_retry()), reason)
 
     def _head_due(self, p: HTTPProtocol, now: int) -> None:
         wheel = self.wheel

@@ -1,0 +1,238 @@
+"""Logs: ``log_format`` text/json, the access line of every finished request and stream,
+sampling, journald priority prefixes, and no secret in any line."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import jwt
+import pytest
+from harness import Gateway, wait_until
+
+from ssegw import logs
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = "LOGSECRET-hs256-0123456789-abcdefghijklmnop"
+PUBLISH_KEY = "LOGPUBKEY-static-7f3a9c"
+# A token signed with another key: refused, and must not show in the log either.
+BAD_TOKEN = jwt.encode({"sub": "LOGBADSUB", "ssegw": {"subscribe": [">"]}}, "LOGWRONGKEY-0123456789-0123456789-xx",
+                       algorithm="HS256")
+MARKERS = ("LOGSECRET", "LOGPUBKEY", "LOGWRONGKEY", "LOGQUERYTOKEN", "LOGCOOKIE", "LOGBEARER")
+
+
+def token(**extra: object) -> str:
+    claims = {"sub": "LOGSUB", "ssegw": {"subscribe": [">"], "publish": [">"]}}
+    claims.update(extra)
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+def json_lines(g: Gateway) -> list[dict]:
+    out = []
+    for line in list(g.log):
+        line = line.strip()
+        if line:
+            out.append(json.loads(line))  # every line is one JSON object
+    return out
+
+
+def access(g: Gateway, **want: object) -> list[dict]:
+    return [r for r in json_lines(g) if r.get("logger") == "ssegw.access"
+            and all(r.get(k) == v for k, v in want.items())]
+
+
+def assert_clean(g: Gateway, *extra: str) -> None:
+    text = "".join(g.log)
+    for m in (*MARKERS, *extra):
+        assert m not in text, f"{m!r} in the log"
+
+
+@pytest.fixture(scope="module")
+def jg():
+    g = Gateway("--log-format", "json", "--log-level", "debug", "--heartbeat-interval", "1s",
+                "--flush-interval", "10ms", "--drain-timeout", "1s", "--max-lifetime", "1s",
+                "--auth-jwt-secret", SECRET, "--auth-publish-keys", PUBLISH_KEY)
+    g.start()
+    yield g
+    g.stop()
+
+
+def test_json_lines_and_request_access(jg: Gateway):
+    r = jg.publish({"topic": "logs.a", "data": "x"}, {"Authorization": f"Bearer {PUBLISH_KEY}"})
+    assert r.status == 200, r
+    r = jg.request("GET", "/nope?token=LOGQUERYTOKEN-1")
+    assert r.status == 404
+    assert wait_until(lambda: access(jg, status=404) and access(jg, path="/publish"))
+    recs = json_lines(jg)
+    start = [r for r in recs if "serving on" in r["msg"]]
+    assert start and start[0]["level"] == "info" and start[0]["logger"] == "ssegw"
+    assert start[0]["ts"].endswith("Z") and "T" in start[0]["ts"]
+    pub = access(jg, path="/publish")[0]
+    assert pub["msg"] == "request" and pub["kind"] == "request"
+    assert pub["method"] == "POST" and pub["status"] == 200 and pub["ip"] == "127.0.0.1"
+    assert pub["bytes_out"] > 0 and pub["duration_ms"] >= 0
+    nf = access(jg, status=404)[0]
+    assert nf["path"] == "/nope" and nf["error"] == "not_found", nf
+    assert_clean(jg)
+
+
+def test_refused_auth_is_logged_without_token(jg: Gateway):
+    hdrs = {"Authorization": f"Bearer LOGBEARER-{BAD_TOKEN}", "Cookie": "ssegw_token=LOGCOOKIE-abc; x=1"}
+    with jg.stream(f"/events?topic=logs.b&token=LOGQUERYTOKEN-{BAD_TOKEN}", hdrs) as s:
+        assert s.status == 401
+    r = jg.publish({"topic": "logs.b", "data": "x"}, {"Authorization": "Bearer LOGPUBKEY-wrong"})
+    assert r.status in (401, 403)
+    assert wait_until(lambda: len(access(jg, path="/events", status=401)) >= 1
+                      and access(jg, path="/publish", status=r.status))
+    line = access(jg, path="/events", status=401)[0]
+    assert line["method"] == "GET" and line["error"]
+    assert_clean(jg, BAD_TOKEN, BAD_TOKEN.split(".")[2])
+
+
+def test_stream_line_close_reasons(jg: Gateway):
+    tok = token()
+    # Closed by the client.
+    with jg.stream("/events?topic=logs.c&topic=logs.d", {"Authorization": f"Bearer {tok}"}) as s:
+        assert s.status == 200
+        r = jg.publish([{"topic": "logs.c", "data": "1"}, {"topic": "logs.d", "data": "2"}],
+                       {"Authorization": f"Bearer {PUBLISH_KEY}"})
+        assert r.status == 200
+        s.wait_events(2)
+    assert wait_until(lambda: access(jg, kind="stream", close="client_closed", topic_names="logs.c,logs.d"))
+    line = access(jg, kind="stream", close="client_closed", topic_names="logs.c,logs.d")[0]
+    assert line["status"] == 200 and line["topics"] == 2 and line["duration_s"] >= 0
+    assert line["bytes_out"] > 100  # head, retry, two events
+    # Ended by max_lifetime (1s), with the query-string token.
+    with jg.stream(f"/events?topic=logs.e&token={tok}") as s:
+        assert s.status == 200
+        assert s.wait_closed(5)
+    assert wait_until(lambda: access(jg, kind="stream", close="lifetime", topic_names="logs.e"))
+    line = access(jg, kind="stream", close="lifetime", topic_names="logs.e")[0]
+    assert 1.0 <= line["duration_s"] < 3
+    assert_clean(jg, tok, tok.split(".")[2])
+
+
+def test_token_expiry_close_reason(jg: Gateway):
+    tok = token(exp=int(time.time()) + 2)
+    with jg.stream("/events?topic=logs.x", {"Cookie": f"ssegw_token={tok}"}) as s:
+        assert s.status == 200
+        assert s.wait_closed(5)
+    # max_lifetime is 1s..1.1s, the token 1..2s: either ends it; both are our closes.
+    assert wait_until(lambda: [r for r in access(jg, kind="stream", topic_names="logs.x")
+                               if r["close"] in ("token_expired", "lifetime")])
+    assert_clean(jg, tok, tok.split(".")[2])
+
+
+def test_sample_zero_keeps_errors_text_format():
+    g = Gateway("--access-log-sample", "0", "--flush-interval", "10ms")
+    g.start()
+    try:
+        assert g.publish({"topic": "s.a", "data": "x"}).status == 200
+        assert g.request("GET", "/nope").status == 404
+        assert wait_until(lambda: any("ssegw.access" in line and "status=404" in line for line in g.log))
+        lines = [line for line in g.log if "ssegw.access" in line]
+        assert len(lines) == 1, lines
+        assert " INFO ssegw.access: request kind=request method=GET path=/nope status=404 " in lines[0]
+        assert lines[0][:4].isdigit()  # text: our timestamp first
+    finally:
+        g.stop()
+
+
+def test_access_log_off():
+    g = Gateway("--no-access-log")
+    g.start()
+    try:
+        assert g.request("GET", "/nope").status == 404
+        assert g.request("GET", "/healthz", admin=True).status == 200
+        time.sleep(0.2)
+        assert not [line for line in g.log if "ssegw.access" in line]
+    finally:
+        g.stop()
+
+
+# -- journald (the formatter, with a fake environment) ------------------------------------------
+
+
+def _record(level: int, msg: str, **fields: object) -> logging.LogRecord:
+    rec = logging.LogRecord("ssegw.x", level, __file__, 1, msg, None, None)
+    if fields:
+        rec.fields = fields  # type: ignore[attr-defined]
+    return rec
+
+
+def test_journald_detection(tmp_path):
+    f = open(tmp_path / "err", "w")  # noqa: SIM115 (closed below)
+    try:
+        st = os.fstat(f.fileno())
+        assert logs.under_journald({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}, f)
+        assert not logs.under_journald({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"}, f)
+        assert not logs.under_journald({"JOURNAL_STREAM": "garbage"}, f)
+        assert not logs.under_journald({}, f)
+        assert not logs.under_journald({"JOURNAL_STREAM": "1:2"}, io.StringIO())
+    finally:
+        f.close()
+
+
+def test_journald_text_has_priority_and_no_timestamp():
+    fmt = logs.formatter("text", journald=True)
+    assert fmt.format(_record(logging.INFO, "hello")) == "<6>INFO ssegw.x: hello"
+    assert fmt.format(_record(logging.WARNING, "w")).startswith("<4>WARNING ")
+    assert fmt.format(_record(logging.ERROR, "e")).startswith("<3>ERROR ")
+    assert fmt.format(_record(logging.CRITICAL, "c")).startswith("<3>")
+    assert fmt.format(_record(logging.DEBUG, "d")).startswith("<7>DEBUG ")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = _record(logging.ERROR, "failed")
+        rec.exc_info = sys.exc_info()
+    lines = fmt.format(rec).splitlines()
+    assert len(lines) > 2 and all(line.startswith("<3>") for line in lines)
+
+
+def test_json_under_journald_has_no_prefix():
+    out = logs.formatter("json", journald=True).format(_record(logging.ERROR, "m", a=1, b="x y"))
+    obj = json.loads(out)
+    assert obj["level"] == "error" and obj["msg"] == "m" and obj["a"] == 1 and obj["b"] == "x y"
+    assert obj["ts"].endswith("Z")
+
+
+def test_setup_under_journald_end_to_end(tmp_path):
+    path = tmp_path / "err"
+    with open(path, "w") as f:
+        st = os.fstat(f.fileno())
+        env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+        root = logging.getLogger()
+        level = root.level
+        h = logs.setup("text", "info", env, f)
+        try:
+            logging.getLogger("ssegw.access").info("request", extra={"fields": {"status": 404, "path": "/a b"}})
+        finally:
+            root.removeHandler(h)
+            root.setLevel(level)
+    assert path.read_text() == '<6>INFO ssegw.access: request status=404 path="/a b"\n'
+
+
+def test_journald_gateway(tmp_path):
+    """A real gateway whose stderr is the file JOURNAL_STREAM names: every line carries a
+    priority and no timestamp of ours."""
+    path = tmp_path / "err"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSEGW_")}
+    with open(path, "w") as f:
+        st = os.fstat(f.fileno())
+        env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        proc = subprocess.Popen([sys.executable, "-m", "ssegw", "serve", "--port", "0", "--admin-port", "0"],
+                                stderr=f, stdout=subprocess.DEVNULL, env=env)
+    try:
+        assert wait_until(lambda: "serving on" in path.read_text(), 15)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    lines = path.read_text().splitlines()
+    assert lines and all(line[:1] == "<" and line[2:3] == ">" for line in lines), lines
+    assert any(line.startswith("<6>INFO ssegw: ssegw ") for line in lines), lines
