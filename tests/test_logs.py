@@ -236,3 +236,79 @@ def test_journald_gateway(tmp_path):
     lines = path.read_text().splitlines()
     assert lines and all(line[:1] == "<" and line[2:3] == ">" for line in lines), lines
     assert any(line.startswith("<6>INFO ssegw: ssegw ") for line in lines), lines
+
+
+# -- the protocol's access lines, with a fake transport (tests/test_protocol_unit.py) ----------
+
+
+def _lines(caplog: pytest.LogCaptureFixture) -> list[dict]:
+    return [r.fields for r in caplog.records if r.name == "ssegw.access"]  # type: ignore[attr-defined]
+
+
+def _stream(caplog: pytest.LogCaptureFixture):  # noqa: ANN202
+    from test_protocol_unit import connect, feed, get, streamer
+
+    caplog.set_level(logging.INFO, "ssegw.access")
+    p, t, w = connect(handler=streamer)
+    feed(p, [get("/events?topic=a&token=LOGQUERYTOKEN")])
+    assert not _lines(caplog)  # nothing when a stream starts
+    return p, t
+
+
+@pytest.mark.parametrize(("end", "reason"), [
+    (lambda p: p.end_stream(b"", "lifetime"), "lifetime"),
+    (lambda p: p.abort("slow_buffer"), "slow_buffer"),
+    (lambda p: p.abort(), "error"),
+    (lambda p: p.close(), "server"),
+    (lambda p: p.eof_received(), "client_closed"),
+    (lambda p: p.connection_lost(None), "client_closed"),
+    (lambda p: p.connection_lost(TimeoutError()), "dead_peer"),
+    (lambda p: p.connection_lost(ConnectionResetError()), "client_reset"),
+    (lambda p: p.data_received(b"x" * (70 * 1024)), "protocol_error"),
+])
+def test_stream_close_reason_unit(caplog, end, reason):  # noqa: ANN001
+    p, t = _stream(caplog)
+    end(p)
+    p.connection_lost(None)  # the transport reports it lost after our close: no second line
+    lines = _lines(caplog)
+    assert len(lines) == 1, lines
+    assert lines[0]["kind"] == "stream" and lines[0]["close"] == reason and lines[0]["status"] == 200
+    assert "LOGQUERYTOKEN" not in repr(caplog.records)
+
+
+def test_sampling_unit(caplog):
+    from test_protocol_unit import connect, feed, get
+
+    from ssegw.core.errors import BadRequest
+    from ssegw.server import protocol
+
+    def handler(p, req, body):  # noqa: ANN001, ANN202
+        if req.target.startswith(b"/bad"):
+            raise BadRequest("no")
+        if req.target.startswith(b"/bug"):
+            raise RuntimeError("a bug of ours")
+        p.respond(200, b"{}")
+
+    caplog.set_level(logging.INFO, "ssegw.access")
+    protocol.configure_access(True, 0.0)
+    try:
+        p, t, w = connect(handler=handler)
+        feed(p, [get("/ok?token=LOGQUERYTOKEN"), get("/bad?token=LOGQUERYTOKEN")])
+        lines = _lines(caplog)
+        assert [(x["path"], x["status"]) for x in lines] == [("/bad", 400)]
+        protocol.configure_access(True, 1.0)
+        feed(p, [get("/ok?token=LOGQUERYTOKEN")])
+        assert [(x["path"], x["status"]) for x in _lines(caplog)] == [("/bad", 400), ("/ok", 200)]
+        protocol.configure_access(False, 1.0)
+        feed(p, [get("/bad")])
+        assert len(_lines(caplog)) == 2
+        # The 500 path: the exception log and the access line name the path only.
+        protocol.configure_access(True, 1.0)
+        p, t, w = connect(handler=handler)
+        feed(p, [get("/bug?token=LOGQUERYTOKEN")])
+        assert [(x["path"], x["status"], x.get("error")) for x in _lines(caplog)][-1] == ("/bug", 500, "internal")
+        assert "handler failed for GET /bug" in caplog.text
+    finally:
+        protocol.configure_access(True, 1.0)
+    assert "LOGQUERYTOKEN" not in caplog.text
+    assert "LOGQUERYTOKEN" not in repr([r.__dict__ for r in caplog.records])

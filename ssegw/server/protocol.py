@@ -590,7 +590,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
 
     def respond_internal(self, detail: str) -> None:
         """A bug of ours (already logged by the caller): 500 and close."""
-        self.respond(500, error_body("internal", detail), close=True)
+        self.respond(500, error_body("internal", detail), close=True, error="internal")
 
     def respond_error(self, e: ProtocolError, close: bool = False) -> None:
         status = e.status_hint
