@@ -312,3 +312,29 @@ def test_sampling_unit(caplog):
         protocol.configure_access(True, 1.0)
     assert "LOGQUERYTOKEN" not in caplog.text
     assert "LOGQUERYTOKEN" not in repr([r.__dict__ for r in caplog.records])
+
+
+def test_reload_drain_close_reason_text():
+    """SIGHUP in one process: the old generation's streams end with close=drain (text format)."""
+    import signal
+
+    g = Gateway("--drain-timeout", "1s", "--heartbeat-interval", "1s")
+    g.start()
+    try:
+        with g.stream("/events?topic=d.a&token=LOGQUERYTOKEN-x") as s:
+            assert s.status == 200
+            g.send(signal.SIGHUP)
+            assert s.wait_closed(10)
+        assert wait_until(lambda: any("ssegw.access: stream " in line and " close=drain " in line for line in g.log), 5)
+        line = next(line for line in g.log if "ssegw.access: stream " in line)
+        assert " topics=1 topic_names=d.a " in line and " status=200 " in line
+        assert_clean(g)
+    finally:
+        g.stop()
+
+
+def test_every_slow_consumer_verdict_has_a_close_reason():
+    from ssegw.server.context import DROP_REASONS
+
+    # core/fanout.py's plan ("buffer"), worker._liveness ("buffer", "stall", "dead_peer")
+    assert DROP_REASONS == {"buffer": "slow_buffer", "stall": "slow_stall", "dead_peer": "dead_peer"}
