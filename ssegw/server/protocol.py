@@ -269,7 +269,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             # Not closed by us (that logged already): the client went away.  A socket timeout
             # is TCP_USER_TIMEOUT or keepalive giving up on a silent peer.
             self._access_stream("client_closed" if exc is None else
-                                "dead_peer" if isinstance(exc, TimeoutError) else "client_reset")
+                                "dead_peer" if isinstance(exc, TimeoutError) else "client_reset", False)
         self.h11 = None
         self.req = None
         self.body = None
@@ -641,8 +641,9 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         # a request, from here (the end of the last answer) or the connection's start.
         self.t0 = now
 
-    def _access_stream(self, reason: str) -> None:
-        """The access line of a stream that ended (``reason``: who or what ended it)."""
+    def _access_stream(self, reason: str, sock_open: bool = True) -> None:
+        """The access line of a stream that ended (``reason``: who or what ended it;
+        ``sock_open``: its socket can still be asked what the client acknowledged)."""
         if not _wanted(200):
             return
         topics = self.topics
@@ -655,7 +656,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             "close": reason,
             "ip": self.ip,
         }
-        acked = _bytes_acked(self.transport) if reason != "client_reset" and reason != "dead_peer" else None
+        acked = _bytes_acked(self.transport) if sock_open else None
         if acked is not None:
             fields["bytes_out"] = acked
         access_log.info("stream", extra={"fields": fields})
