@@ -280,7 +280,7 @@ def test_sampling_unit(caplog):
     from test_protocol_unit import connect, feed, get
 
     from ssegw.core.errors import BadRequest
-    from ssegw.server import protocol
+    from ssegw.server import access as access_mod
 
     def handler(p, req, body):  # noqa: ANN001, ANN202
         if req.target.startswith(b"/bad"):
@@ -290,26 +290,26 @@ def test_sampling_unit(caplog):
         p.respond(200, b"{}")
 
     caplog.set_level(logging.INFO, "ssegw.access")
-    protocol.configure_access(True, 0.0)
+    access_mod.configure_access(True, 0.0)
     try:
         p, t, w = connect(handler=handler)
         feed(p, [get("/ok?token=LOGQUERYTOKEN"), get("/bad?token=LOGQUERYTOKEN")])
         lines = _lines(caplog)
         assert [(x["path"], x["status"]) for x in lines] == [("/bad", 400)]
-        protocol.configure_access(True, 1.0)
+        access_mod.configure_access(True, 1.0)
         feed(p, [get("/ok?token=LOGQUERYTOKEN")])
         assert [(x["path"], x["status"]) for x in _lines(caplog)] == [("/bad", 400), ("/ok", 200)]
-        protocol.configure_access(False, 1.0)
+        access_mod.configure_access(False, 1.0)
         feed(p, [get("/bad")])
         assert len(_lines(caplog)) == 2
         # The 500 path: the exception log and the access line name the path only.
-        protocol.configure_access(True, 1.0)
+        access_mod.configure_access(True, 1.0)
         p, t, w = connect(handler=handler)
         feed(p, [get("/bug?token=LOGQUERYTOKEN")])
         assert [(x["path"], x["status"], x.get("error")) for x in _lines(caplog)][-1] == ("/bug", 500, "internal")
         assert "handler failed for GET /bug" in caplog.text
     finally:
-        protocol.configure_access(True, 1.0)
+        access_mod.configure_access(True, 1.0)
     assert "LOGQUERYTOKEN" not in caplog.text
     assert "LOGQUERYTOKEN" not in repr([r.__dict__ for r in caplog.records])
 

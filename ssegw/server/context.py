@@ -36,8 +36,9 @@ from ..metrics import (
 )
 from ..policy.auth import Authenticator
 from ..policy.limits import Admission, ConnCounter, IPFilter, TokenBuckets, in_networks
+from .access import configure_access
 from .flow import Flow
-from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol, Request, configure_access
+from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol, Request
 
 log = logging.getLogger("ssegw.worker")
 

@@ -27,10 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import re
-import socket
-import struct
 import sys
 import time
 from typing import Protocol, cast
@@ -58,10 +55,9 @@ from ..core.conn import (
 from ..core.errors import ProtocolError
 from ..core.sse import LAST_CHUNK
 from ..core.sse import chunk as _chunk
+from . import access
 
 log = logging.getLogger("ssegw.http")
-#: One line per finished request or stream (README "Logs"); see :meth:`HTTPProtocol._access`.
-access_log = logging.getLogger("ssegw.access")
 
 #: Longest request line we read (RFC 9112 3 recommends supporting at least 8000 octets;
 #: nginx's default large-header buffer is 8 KiB).  Longer is 414.
@@ -88,60 +84,6 @@ _REASONS = {
     500: b"Internal Server Error", 501: b"Not Implemented", 503: b"Service Unavailable",
     505: b"HTTP Version Not Supported",
 }
-
-
-# -- access lines ---------------------------------------------------------------------
-#
-# One log call when a request is answered or a stream ends, nothing per event.  What a line
-# holds is chosen so that no secret can be in it: the path without its query string (it can
-# carry ?token=), never a header value, never the body.  Successful lines are sampled
-# (``access_log_sample``) with the stdlib's Mersenne Twister (~30 ns a draw); errors
-# (status >= 400) always get their line.  Successful requests on the admin listener (scrapes,
-# health checks) get none: they would drown the rest.
-
-_access_on = True
-_access_sample = 1.0
-_random = random.random
-#: What a stream line shows of its topics (all of them are counted).
-ACCESS_TOPICS = 3
-#: Longest path shown (the request line may be up to MAX_REQUEST_LINE).
-ACCESS_PATH = 200
-# struct tcp_info (linux/tcp.h): u64 tcpi_bytes_acked at offset 120 (Linux >= 4.1).
-_TCPI_BYTES_ACKED = 120
-_TCPI_LEN = _TCPI_BYTES_ACKED + 8
-
-
-def configure_access(on: bool, sample: float) -> None:
-    """Set ``access_log`` and ``access_log_sample`` (the worker does, from its config)."""
-    global _access_on, _access_sample
-    _access_on = on
-    _access_sample = sample
-
-
-def _wanted(status: int) -> bool:
-    if not _access_on or not access_log.isEnabledFor(logging.INFO):
-        return False
-    return status >= 400 or _access_sample >= 1.0 or _random() < _access_sample
-
-
-def _path(target: bytes) -> str:
-    # The path only: a query string can carry a token (?token=...).
-    return target.partition(b"?")[0][:ACCESS_PATH].decode("latin-1")
-
-
-def _bytes_acked(transport: asyncio.BaseTransport) -> int | None:
-    """Bytes of this connection the client's TCP acknowledged (TCP_INFO), or None (not TCP,
-    not Linux, already closed).  Read once, when a stream ends: no per-write counter."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return None
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_LEN)
-    except (OSError, AttributeError):  # closed meanwhile, not TCP, or no TCP_INFO
-        return None
-    if len(info) < _TCPI_LEN:
-        return None
-    return int(struct.unpack_from("=Q", info, _TCPI_BYTES_ACKED)[0])
 
 
 class Request:
@@ -518,7 +460,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         except ProtocolError as e:
             self.respond_error(e)
         except Exception:  # a bug of ours: log it with its traceback, answer 500, keep serving
-            log.exception("handler failed for %s %s", req.method.decode("latin-1"), _path(req.target))
+            log.exception("handler failed for %s %s", req.method.decode("latin-1"), access.path_of(req.target))
             self.respond_internal("internal server error")
         if self.state in (RESPOND, STARTING):
             # Answered later (a broker round trip, a replay): nothing more is read until
@@ -560,7 +502,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         data = b"".join(out)
         self.transport.write(data)
         self.served += 1
-        if _access_on:
+        if access.STATE.on:
             self._access(status, len(data), error)
         if close:
             self.close()
@@ -612,31 +554,17 @@ class HTTPProtocol(Conn, asyncio.Protocol):
                 b"connection: close\r\n\r\n%s" % (status, _REASONS.get(status, b""), extra, len(body), body)
             )
             self.transport.write(data)
-            if _access_on:
+            if access.STATE.on:
                 self._access(status, len(data), code)
         self.close()
 
     def _access(self, status: int, nbytes: int, error: str) -> None:
         """The access line of an answered request (or of a connection refused before any)."""
         now = time.monotonic()
-        if (status < 400 and self.admin) or not _wanted(status):
-            self.t0 = now
-            return
-        req = self.req
-        fields: dict[str, object] = {
-            "kind": "request",
-            "method": req.method.decode("latin-1") if req is not None else "-",
-            "path": _path(req.target) if req is not None else "-",
-            "status": status,
-            "duration_ms": round((now - self.t0) * 1000, 3),
-            "bytes_out": nbytes,
-            "ip": self.ip,
-        }
-        if error:
-            fields["error"] = error
-        if self.admin:
-            fields["listener"] = "admin"
-        access_log.info("request", extra={"fields": fields})
+        if not (status < 400 and self.admin):
+            req = self.req
+            access.request_line(req.method if req is not None else None, req.target if req is not None else None,
+                                status, now - self.t0, nbytes, self.ip, error, self.admin)
         # Keep-alive: a next request's duration counts from its own head; a refusal without
         # a request, from here (the end of the last answer) or the connection's start.
         self.t0 = now
@@ -644,22 +572,8 @@ class HTTPProtocol(Conn, asyncio.Protocol):
     def _access_stream(self, reason: str, sock_open: bool = True) -> None:
         """The access line of a stream that ended (``reason``: who or what ended it;
         ``sock_open``: its socket can still be asked what the client acknowledged)."""
-        if not _wanted(200):
-            return
-        topics = self.topics
-        fields: dict[str, object] = {
-            "kind": "stream",
-            "status": 200,
-            "duration_s": round(time.monotonic() - self.t0, 3),
-            "topics": len(topics),
-            "topic_names": ",".join(topics[:ACCESS_TOPICS]),
-            "close": reason,
-            "ip": self.ip,
-        }
-        acked = _bytes_acked(self.transport) if sock_open else None
-        if acked is not None:
-            fields["bytes_out"] = acked
-        access_log.info("stream", extra={"fields": fields})
+        access.stream_line(time.monotonic() - self.t0, self.topics, reason, self.ip,
+                           self.transport if sock_open else None)
 
     # -- streams ----------------------------------------------------------------------
 
