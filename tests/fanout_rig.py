@@ -75,6 +75,7 @@ class FakeConn(Conn):
         self.transport = FakeTransport(rig, self, budget)
         self.chunked = chunked
         self.aborts = 0
+        self.served = 0  # events written (flow.py counts them, as on HTTPProtocol)
 
     @property
     def writes(self) -> list[bytes]:

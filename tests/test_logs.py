@@ -107,6 +107,7 @@ def test_stream_line_close_reasons(jg: Gateway):
     assert wait_until(lambda: access(jg, kind="stream", close="client_closed", topic_names="logs.c,logs.d"))
     line = access(jg, kind="stream", close="client_closed", topic_names="logs.c,logs.d")[0]
     assert line["status"] == 200 and line["topics"] == 2 and line["duration_s"] >= 0
+    assert line["events"] == 2
     assert line["bytes_out"] > 100  # head, retry, two events
     # Ended by max_lifetime (1s), with the query-string token.
     with jg.stream(f"/events?topic=logs.e&token={tok}") as s:

@@ -94,7 +94,7 @@ def request_line(method: bytes | None, target: bytes | None, status: int, second
     access_log.info("request", extra={"fields": fields})
 
 
-def stream_line(seconds: float, topics: Sequence[str], reason: str, ip: str,
+def stream_line(seconds: float, topics: Sequence[str], reason: str, ip: str, events: int,
                 transport: asyncio.BaseTransport | None) -> None:
     """Log a stream that ended (``reason``: who or what ended it; ``transport``: its socket
     can still be asked what the client acknowledged)."""
@@ -107,6 +107,7 @@ def stream_line(seconds: float, topics: Sequence[str], reason: str, ip: str,
         "topics": len(topics),
         "topic_names": ",".join(topics[:ACCESS_TOPICS]),
         "close": reason,
+        "events": events,
         "ip": ip,
     }
     acked = bytes_acked(transport) if transport is not None else None

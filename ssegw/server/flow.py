@@ -82,6 +82,7 @@ class Flow:
                 # after the loop is counted inside it.
                 seg = segs[0]
                 framed, raw = seg.framed, seg.raw
+                nev = len(seg.events)
                 missed = unframed = 0
                 for c in conns:
                     if c.wpaused or c.state != STREAM:  # paused by a write earlier in this plan
@@ -99,9 +100,10 @@ class Flow:
                         missed += 1
                         continue
                     c.last_write_ms = now_ms
+                    c.served += nev  # a stream's events written (its access line)
                 ok = len(conns) - missed
                 writes += ok
-                delivered += ok * len(seg.events)
+                delivered += ok * nev
                 nbytes += (ok - unframed) * len(framed) + unframed * len(raw)
             else:
                 for c in conns:
@@ -133,6 +135,7 @@ class Flow:
                 self._failed(c)
                 break
             c.last_write_ms = now_ms
+            c.served += len(seg.events)
             writes += 1
             delivered += len(seg.events)
             nbytes += len(data)
@@ -171,6 +174,7 @@ class Flow:
                 self._failed(c)
                 return
             c.last_write_ms = now_ms
+            c.served += len(evs)
             stats.writes += 1
             stats.events_delivered += len(evs)
             stats.bytes_written += len(data)

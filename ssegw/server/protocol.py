@@ -187,7 +187,9 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         self.inbound = 0  # bytes received (chunked body, or discarded bytes on a stream)
         self.held_ip = False  # holds a per-IP stream slot that must be released
         self.driving = False  # inside drive(): an answer must not re-enter it
-        self.served = 0  # requests answered on this connection (keep-alive reuse)
+        # Requests answered on this connection (keep-alive reuse); once it is a stream, the
+        # events written to it (flow.py counts them; the stream's access line reports them).
+        self.served = 0
         # time.monotonic() when the request being served began (its head was complete), or
         # the stream started; for the access line's duration.  8 B of slot + a 24 B float.
         self.t0 = 0.0
@@ -572,7 +574,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
     def _access_stream(self, reason: str, sock_open: bool = True) -> None:
         """The access line of a stream that ended (``reason``: who or what ended it;
         ``sock_open``: its socket can still be asked what the client acknowledged)."""
-        access.stream_line(time.monotonic() - self.t0, self.topics, reason, self.ip,
+        access.stream_line(time.monotonic() - self.t0, self.topics, reason, self.ip, self.served,
                            self.transport if sock_open else None)
 
     # -- streams ----------------------------------------------------------------------
@@ -600,6 +602,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         self.body = None
         self.rx = None
         self.inbound = 0
+        self.served = 0  # from here on: events written
         self.t0 = time.monotonic()
         advance(self, STREAM_OPEN)
         # Read again, only to notice the client closing (bytes are discarded, bounded).
