@@ -121,13 +121,7 @@ class Gateway:
         return self.request("GET", "/admin/stats", admin=True).json()["workers"][0]
 
     def metrics(self) -> dict[str, float]:
-        text = self.request("GET", "/metrics", admin=True).body.decode()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                out[name] = float(value)
-        return out
+        return parse_metrics(self.request("GET", "/metrics", admin=True).body.decode())
 
     def wait_slots(self, n: int = 0, timeout: float = 5.0) -> int:
         """Wait until the table holds ``n`` slots besides the admin connection asking."""
@@ -151,6 +145,16 @@ class Gateway:
             self.stop()
         except subprocess.TimeoutExpired:
             pass
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> ``{"name{labels}": value}`` (sample lines as exposed)."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
 
 
 class Response:

@@ -19,7 +19,7 @@ from pathlib import Path
 import jwt
 import pytest
 from checks import uniq
-from harness import ROOT, Gateway, read_head, wait_until
+from harness import ROOT, Gateway, parse_metrics, read_head, wait_until
 
 from ssegw.core.errors import Forbidden, ProtocolError, TooManyRequests, Unavailable
 from ssegw.metrics import (
@@ -51,14 +51,7 @@ def scrape(g: Gateway) -> str:
     return r.body.decode()
 
 
-def samples(text: str) -> dict[str, float]:
-    """``name{labels}`` (as exposed) -> value."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
+samples = parse_metrics  # ``name{labels}`` (as exposed) -> value
 
 
 def hist(m: dict[str, float], name: str) -> tuple[float, float]:
