@@ -234,15 +234,6 @@ _FIXED = ("host", "port", "admin_host", "admin_port", "workers")
 HANDOFF_S = 0.5
 
 
-def _stop_accepting(w: Worker) -> None:
-    """Close ``w``'s listening sockets (its duplicates: the process keeps the listeners) and
-    nothing else; its connections go on.  ``Worker.drain`` would close them too, later."""
-    for acc in w.acceptors:
-        acc.close()
-    for srv in w.admin_servers:
-        srv.close()
-
-
 class _Lease:
     """One generation's handle on the shared embedded broker: its own ``start``/``close``
     (adding and removing its delivery callback), everything else the shared broker's."""
@@ -455,7 +446,7 @@ class Generations:
         # Hand over first: the old generation stops accepting (public and admin) and what it
         # accepted last gets HANDOFF_S to ask, so it is answered as usual -- not 503
         # "draining", and not closed unanswered when the old generation stops.
-        _stop_accepting(old)
+        old.stop_accepting(admin=True)  # its duplicates: the process keeps the listeners
         await asyncio.sleep(HANDOFF_S)
         if not old.draining:
             old.drain()

@@ -194,6 +194,16 @@ class Worker(Context):
         except TimeoutError:
             log.warning("broker did not close within %.0fs; exiting anyway", BROKER_CLOSE_TIMEOUT)
 
+    def stop_accepting(self, admin: bool = False) -> None:
+        """Close the public listeners (and the admin ones if ``admin``): this worker's
+        sockets only -- with a supervisor or a reloading process, duplicates of listeners
+        that stay open elsewhere.  Connections already accepted go on."""
+        for acc in self.acceptors:
+            acc.close()
+        if admin:
+            for srv in self.admin_servers:
+                srv.close()
+
     def drain(self) -> None:
         """Stop accepting, answer /readyz 503, close streams spread over drain_timeout."""
         if self.draining:
@@ -204,8 +214,7 @@ class Worker(Context):
         self.draining = True
         assert self.loop is not None
         self.drain_started = self.loop.time()
-        for acc in self.acceptors:
-            acc.close()
+        self.stop_accepting()
         now = self.now_ms()
         drain_ms = int(self.cfg.drain_timeout * 1000)
         for p in list(self.records()):
