@@ -68,9 +68,6 @@ class Acceptor:
         self.fd = -1
         self.sock.close()
 
-    def getsockname(self) -> object:
-        return self.sock.getsockname()
-
     def _ready(self) -> None:
         accept = self.sock.accept
         for _ in range(ACCEPT_BATCH):
