@@ -339,3 +339,77 @@ def test_every_slow_consumer_verdict_has_a_close_reason():
 
     # core/fanout.py's plan ("buffer"), worker._liveness ("buffer", "stall", "dead_peer")
     assert DROP_REASONS == {"buffer": "slow_buffer", "stall": "slow_stall", "dead_peer": "dead_peer"}
+
+
+# -- buffered lines and the record-less access path (logs.info_fields) -----------------------
+
+
+@pytest.mark.parametrize("fmt,journald", [("text", False), ("text", True), ("json", False)])
+def test_info_fields_writes_the_line_logging_would(tmp_path, monkeypatch, fmt, journald):
+    """The record-less path of an access line writes exactly what logging's own path writes
+    (same formatter, same clock reading)."""
+    fields = {"kind": "request", "method": "POST", "path": "/a b", "status": 200, "duration_ms": 0.125,
+              "bytes_out": 108, "ip": "127.0.0.1", "q": 'x"y', "e": ""}
+    monkeypatch.setattr(logging.time, "time", lambda: 1_700_000_000.0625)  # LogRecord.created
+    monkeypatch.setattr(logs.time, "time", lambda: 1_700_000_000.0625)
+    monkeypatch.setattr(logging.time, "time_ns", lambda: 1_700_000_000_062_500_000)
+    out = {}
+    root = logging.getLogger()
+    level = root.level
+    saved = [h for h in root.handlers if not isinstance(h, logs._Handler)]
+    for h in saved:  # caplog & co: the fast path is taken only when ours is the only handler
+        root.removeHandler(h)
+    try:
+        for way in ("logging", "fast"):
+            path = tmp_path / way
+            with open(path, "w") as f:
+                st = os.fstat(f.fileno())
+                env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"} if journald else {}
+                h = logs.setup(fmt, "info", env, f)
+                logs.buffer_lines(True)
+                try:
+                    if way == "logging":
+                        logging.getLogger("ssegw.access").info("request", extra={"fields": fields})
+                    else:
+                        with monkeypatch.context() as m:  # no LogRecord on this path
+                            m.setattr(logging.Logger, "makeRecord", None)
+                            logs.info_fields(logging.getLogger("ssegw.access"), "request", fields)
+                    assert h.pending  # buffered, not written yet
+                    logs.flush()
+                finally:
+                    logs.buffer_lines(False)
+                    root.removeHandler(h)
+            out[way] = path.read_text()
+    finally:
+        for h in saved:
+            root.addHandler(h)
+        root.setLevel(level)
+    assert out["fast"] == out["logging"] and out["fast"].count("\n") == 1, out
+
+
+def test_buffered_lines_keep_their_order_and_a_warning_is_written_at_once(tmp_path):
+    root = logging.getLogger()
+    level = root.level
+    path = tmp_path / "err"
+    with open(path, "w") as f:
+        h = logs.setup("text", "info", {}, f)
+        logs.buffer_lines(True)
+        try:
+            for i in range(3):
+                logs.info_fields(logging.getLogger("ssegw.access"), "request", {"n": i})
+            assert path.read_text() == ""  # nothing written yet
+            logging.getLogger("ssegw.x").warning("look")
+            text = path.read_text()  # the warning and, before it, what was pending
+            assert [ln.split(": ", 1)[1] for ln in text.splitlines()] == ["request n=0", "request n=1", "request n=2", "look"]
+            logging.getLogger("ssegw.x").info("later")
+            assert "later" not in path.read_text()
+            logs.flush()
+            assert path.read_text().endswith(": later\n")
+            for i in range(2000):  # 64 KiB pending: written without waiting for a flush
+                logs.info_fields(logging.getLogger("ssegw.access"), "request", {"pad": "x" * 40, "n": i})
+            assert len(path.read_text()) >= logs.BUFFER_BYTES
+        finally:
+            logs.buffer_lines(False)  # writes the rest
+            root.removeHandler(h)
+            root.setLevel(level)
+    assert path.read_text().rstrip("\n").endswith("n=1999")

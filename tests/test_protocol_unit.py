@@ -820,3 +820,84 @@ def test_pipelined_requests_of_any_shape_cut_anywhere_are_served_in_order(reqs, 
     want = [(b"GET", x, b"") if kind == "get" else (b"POST", b"/publish", x) for kind, x in reqs]
     assert [(h[0], h[1], h[3]) for h in w.handled] == want
     assert [r.status for r in responses(t.data)] == [200] * len(reqs)
+
+
+# -- heads already parsed (protocol._HEADS) -------------------------------------------------
+
+
+def test_a_head_seen_before_is_served_from_the_cache_with_the_same_outcome() -> None:
+    """The second time the same head bytes arrive, h11 is not asked again, and everything the
+    protocol decides from the head (framing, body, keep-alive, 100-continue) is the same."""
+    from ssegw.server import protocol
+
+    protocol._HEADS.clear()
+    head_extra = "Expect: 100-continue\r\n"
+    p, t, w = connect()
+    feed(p, [post(b'{"a":1}', head_extra)])
+    assert len(protocol._HEADS) == 1
+    first = t.data
+    cached = next(iter(protocol._HEADS.values()))
+    parses = []
+    real = protocol.h11.Connection
+
+    def counting(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        parses.append(1)
+        return real(*a, **k)
+
+    protocol.h11.Connection = counting  # type: ignore[misc]
+    try:
+        p2, t2, w2 = connect()
+        feed(p2, [post(b'{"a":1}', head_extra)])
+        feed(p2, [post(b'{"a":1}', head_extra) + get("/next", extra="Connection: close\r\n")])
+        p3, t3, w3 = connect()
+        feed(p3, bytewise(post(b'{"a":1}', head_extra)))  # the body comes after the head
+    finally:
+        protocol.h11.Connection = real  # type: ignore[misc]
+    assert parses == [1]  # only the new /next head was parsed
+    assert p2.req is None or p2.req is not cached
+    assert [(h[0], h[1], h[3]) for h in w2.handled] == [(b"POST", b"/publish", b'{"a":1}')] * 2 + [(b"GET", b"/next", b"")]
+    # The same answers: no 100 Continue when the body is already here, cached or not ...
+    assert t2.data.startswith(first) and b"100 Continue" not in t2.data
+    assert [r.status for r in responses(t2.data)] == [200, 200, 200]
+    assert t2.closed  # Connection: close of the last head
+    # ... and 100 Continue when it is not.
+    assert t3.data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert [r.status for r in responses(t3.data)] == [100, 200] and w3.handled[0][3] == b'{"a":1}'
+
+
+def test_chunked_and_refused_heads_are_not_kept_and_the_cache_is_bounded() -> None:
+    from ssegw.server import protocol
+
+    protocol._HEADS.clear()
+    p, t, w = connect(max_body=10_000)
+    feed(p, [chunked_post(b"hello")])
+    assert w.handled[-1][3] == b"hello"
+    assert protocol._HEADS == {}  # chunked: h11 must see it to decode the body
+    p, t, w = connect()
+    feed(p, [b"GET /x HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"])
+    assert protocol._HEADS == {}
+    p, t, w = connect()
+    feed(p, [b"GET /x HTTP/1.1\r\nHost: h\nX: y\r\n\r\n"])  # bare LF: refused before h11
+    assert protocol._HEADS == {} and responses(t.data)[0].status == 400
+    for i in range(protocol.HEAD_CACHE_SIZE + 10):
+        p, t, w = connect()
+        feed(p, [get(f"/n{i}")])
+    assert 0 < len(protocol._HEADS) <= protocol.HEAD_CACHE_SIZE
+    p, t, w = connect()
+    feed(p, [get("/" + "x" * protocol.HEAD_CACHE_BYTES)])
+    assert responses(t.data)[0].status == 200
+    assert not any(len(k) > protocol.HEAD_CACHE_BYTES for k in protocol._HEADS)
+
+
+def test_a_cached_head_still_gets_the_limits_of_the_current_configuration() -> None:
+    """max_body is configuration (a reload may lower it): checked on every request, cached
+    head or not."""
+    from ssegw.server import protocol
+
+    protocol._HEADS.clear()
+    p, t, w = connect(max_body=1000)
+    feed(p, [post(b"x" * 500)])
+    assert responses(t.data)[0].status == 200
+    p, t, w = connect(max_body=100)
+    feed(p, [post(b"x" * 500)])
+    assert responses(t.data)[0].status == 413

@@ -17,6 +17,8 @@ import socket
 import struct
 from collections.abc import Sequence
 
+from .. import logs
+
 access_log = logging.getLogger("ssegw.access")
 
 #: What a stream line shows of its topics (all of them are counted).
@@ -91,7 +93,7 @@ def request_line(method: bytes | None, target: bytes | None, status: int, second
         fields["error"] = error
     if admin:
         fields["listener"] = "admin"
-    access_log.info("request", extra={"fields": fields})
+    logs.info_fields(access_log, "request", fields)
 
 
 def stream_line(seconds: float, topics: Sequence[str], reason: str, ip: str, events: int,
@@ -113,4 +115,4 @@ def stream_line(seconds: float, topics: Sequence[str], reason: str, ip: str, eve
     acked = bytes_acked(transport) if transport is not None else None
     if acked is not None:
         fields["bytes_out"] = acked
-    access_log.info("stream", extra={"fields": fields})
+    logs.info_fields(access_log, "stream", fields)

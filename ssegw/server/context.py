@@ -178,7 +178,9 @@ class Context:
         self.hist_loop = Histogram(LOOP_LAG_BUCKETS)
         # perf_counter() when a POST /publish head came in, until its handler runs (empty
         # but for publishes whose body is still on its way; entries leave on close).
-        self.publish_t0: dict[HTTPProtocol, float] = {}
+        #: Publishes whose head passed check_head: when it came in (perf_counter), and the
+        #: publisher's Authorization and loopback-ness, decided then.
+        self.publish_t0: dict[HTTPProtocol, tuple[float, str | None, bool]] = {}
 
     def now_ms(self) -> int:
         assert self.loop is not None

@@ -317,8 +317,19 @@ def _start(w: Context, p: HTTPProtocol, replay: Replay, principal: object, cors:
 def _is_json(ctype: str | None) -> bool:
     if not ctype:
         return False
+    known = _JSON_TYPES.get(ctype)
+    if known is not None:
+        return known
     mime = ctype.split(";", 1)[0].strip().lower()
-    return mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
+    verdict = mime == "application/json" or (mime.startswith("application/") and mime.endswith("+json"))
+    if len(_JSON_TYPES) >= 64:  # a publisher sends one or two spellings; bounded all the same
+        _JSON_TYPES.clear()
+    _JSON_TYPES[ctype] = verdict
+    return verdict
+
+
+#: Content-Type values already judged by _is_json.
+_JSON_TYPES: dict[str, bool] = {}
 
 
 def check_head(w: Context, p: HTTPProtocol, req: Request) -> None:
@@ -332,14 +343,14 @@ def check_head(w: Context, p: HTTPProtocol, req: Request) -> None:
     if p.admin or req.method != b"POST" or req.target.partition(b"?")[0] != b"/publish":
         return
     # The head is in: ssegw_publish_duration_seconds starts here (publish() takes it).
-    t0 = w.publish_t0[p] = time.perf_counter()
+    t0 = time.perf_counter()
     try:
-        _publisher(w, p, req)
+        authz, loopback = _publisher(w, p, req)
     except ProtocolError:
         # Refused from the head; the protocol writes the answer as this returns.
-        del w.publish_t0[p]
         w.hist_publish.observe(time.perf_counter() - t0)
         raise
+    w.publish_t0[p] = (t0, authz, loopback)
 
 
 def _publisher(w: Context, p: HTTPProtocol, req: Request) -> tuple[str | None, bool]:
@@ -368,22 +379,21 @@ def publish(w: Context, p: HTTPProtocol, req: Request, body: bytes) -> None:
     """Serve POST /publish, and observe ``ssegw_publish_duration_seconds`` for every answer
     it gives: 200, a refusal (4xx), a broker failure (503/504) or a bug of ours (500).  A
     publish whose client leaves before its answer is not observed."""
-    t0 = w.publish_t0.pop(p, None)  # set by check_head when the head came in
-    if t0 is None:
+    head = w.publish_t0.pop(p, None)  # set by check_head when the head came in
+    if head is None:  # not through the protocol's check_head: decide it here
         t0 = time.perf_counter()
+        head = (t0, *_publisher(w, p, req))
     try:
-        _publish(w, p, req, body, t0)
+        _publish(w, p, req, body, head)
     except Exception:
         # Raised to the protocol, which writes the answer (4xx, or 500 for a bug) as this
         # returns; re-raised, not handled here.
-        w.hist_publish.observe(time.perf_counter() - t0)
+        w.hist_publish.observe(time.perf_counter() - head[0])
         raise
 
 
-def _publish(w: Context, p: HTTPProtocol, req: Request, body: bytes, t0: float) -> None:
-    # Checked from the head already (check_head); again here, as cheap as it is, so that
-    # this handler is safe whoever calls it.
-    authz, loopback = _publisher(w, p, req)
+def _publish(w: Context, p: HTTPProtocol, req: Request, body: bytes, head: tuple[float, str | None, bool]) -> None:
+    t0, authz, loopback = head
     if not _is_json(_header(req, b"content-type")):
         raise UnsupportedMediaType("Content-Type must be application/json", code="unsupported_media_type")
     try:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import cast
 
+from .. import logs
 from ..broker.base import Broker
 from ..config import Config
 from ..core.conn import (
@@ -162,6 +163,7 @@ class Worker(Context):
                 self.admin_servers.append(await loop.create_server(lambda: HTTPProtocol(self, True), sock=s))
         self.tick_due = loop.time() + TICK_MS / 1000
         loop.call_at(self.tick_due, self._tick)
+        logs.buffer_lines(True)  # the tick writes them out (logs.flush)
         if self.extra_startup is not None:
             self.extra_startup(self)
 
@@ -341,7 +343,9 @@ class Worker(Context):
         loop = self.loop
         assert loop is not None and self.wheel is not None
         if self.stopping is not None and self.stopping.done():
+            logs.flush()
             return
+        logs.flush()  # access lines, written once a tick (logs._Handler)
         # How late this tick is.  loop.time() and time.monotonic() share a clock (asyncio
         # by definition; uvloop's is libuv's CLOCK_MONOTONIC in whole ms), and the clock must
         # be read now: loop.time() is when this iteration began.
