@@ -25,6 +25,7 @@ import argparse
 import difflib
 import logging
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ from .config_keys import (
     parse_bool,
     parse_duration,
     parse_size,
+    parse_upstream_url,
+    route_header,
 )
 from .config_keys import _toml_duration as _toml_duration  # re-exported: tests round-trip it
 from .core.topics import Pattern
@@ -56,6 +59,7 @@ __all__ = [
     "AuthConfig",
     "Config",
     "ConfigError",
+    "RouteRule",
     "TopicRule",
     "add_arguments",
     "load",
@@ -99,6 +103,47 @@ class TopicRule:
 
     def __hash__(self) -> int:
         return hash(self._ident())
+
+
+#: The keys of a ``[[routes]]`` table, by mode.
+_ROUTE_KEYS = {
+    "shared": ("mode", "topics", "upstream", "headers", "linger"),
+    "proxy": ("mode", "path", "upstream", "headers"),
+}
+#: Paths of the public listener a proxy route's prefix must not shadow.
+_OWN_PATHS = ("/events", "/publish")
+#: Header names whose values check-config masks (they carry credentials).
+_SECRET_HEADER = re.compile(r"(?i)authorization|cookie|.*(token|key|secret|password).*")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    """A ``[[routes]]`` entry (docs/api.md "Upstream routes").  ``mode`` "shared": ``topics``
+    is set, ``upstream`` holds ``{topic}``; "proxy": ``path`` is the prefix, ``upstream``
+    holds ``{path}``.  ``headers`` are sent upstream as given."""
+
+    mode: str
+    upstream: str
+    topics: Pattern | None = None
+    path: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    linger: float = 30.0
+
+    def _ident(self) -> tuple[object, ...]:
+        return (self.mode, self.upstream, self.topics.source if self.topics else None, self.path,
+                self.headers, self.linger)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RouteRule):
+            return NotImplemented
+        return self._ident() == other._ident()
+
+    def __hash__(self) -> int:
+        return hash(self._ident())
+
+    def __repr__(self) -> str:  # header values may be credentials
+        what = f"topics={self.topics.source!r}" if self.topics else f"path={self.path!r}"
+        return f"RouteRule({self.mode}, {what}, upstream={self.upstream!r}, headers=<{len(self.headers)}>)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +221,22 @@ class Config:
     demo: bool = False
     auth: AuthConfig = field(default_factory=AuthConfig)
     topics: tuple[TopicRule, ...] = ()
+    routes: tuple[RouteRule, ...] = ()
+
+    def shared_route(self, topic: str) -> RouteRule | None:
+        """The shared ``[[routes]]`` entry whose ``topics`` match ``topic`` (at most one:
+        overlapping routes are a configuration error), or None."""
+        for r in self.routes:
+            if r.topics is not None and r.topics.matches(topic):
+                return r
+        return None
+
+    def proxy_route(self, path: str) -> RouteRule | None:
+        """The proxy ``[[routes]]`` entry whose ``path`` prefixes ``path``, or None."""
+        for r in self.routes:
+            if r.mode == "proxy" and path.startswith(r.path):
+                return r
+        return None
 
     def topic_settings(self, topic: str) -> tuple[str, int, float]:
         """``(slow_consumer, history_size, history_ttl)`` for ``topic``: the first matching
@@ -285,6 +346,96 @@ def _topic_rules(raw: object) -> tuple[TopicRule, ...]:
     return tuple(rules)
 
 
+def _patterns_overlap(a: Pattern, b: Pattern) -> bool:
+    """Whether some topic name matches both ``a`` and ``b`` (segment by segment: ``*`` is
+    any one segment, a final ``>`` any one or more)."""
+    na, nb = len(a.segments), len(b.segments)
+    if not a.tail and not b.tail and na != nb:
+        return False
+    if a.tail and not b.tail and nb <= na:
+        return False
+    if b.tail and not a.tail and na <= nb:
+        return False
+    for x, y in zip(a.segments, b.segments, strict=False):
+        if x != "*" and y != "*" and x != y:
+            return False
+    return True
+
+
+def _route_rules(raw: object) -> tuple[RouteRule, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("routes", "routes: expected an array of tables ([[routes]] entries)")
+    rules: list[RouteRule] = []
+    for i, entry in enumerate(raw):
+        prefix = f"routes[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(prefix, f"{prefix}: expected a table ([[routes]] entry)")
+        mode = entry.get("mode", "shared")
+        if not isinstance(mode, str) or mode not in _ROUTE_KEYS:
+            raise ConfigError(f"{prefix}.mode", f"{prefix}.mode: expected \"shared\" or \"proxy\", got {_show(mode)}")
+        known = _ROUTE_KEYS[mode]
+        for name in entry:
+            if name not in known:
+                other = "proxy" if mode == "shared" else "shared"
+                hint = f" (it belongs to mode = \"{other}\")" if name in _ROUTE_KEYS[other] else ""
+                raise _unknown(f"{prefix}.{name}", name, list(known), hint)
+        label = f"{prefix}.upstream"
+        if "upstream" not in entry:
+            raise ConfigError(label, f"{label}: required key is missing")
+        upstream = entry["upstream"]
+        if not isinstance(upstream, str):
+            raise ConfigError(label, f"{label}: expected a URL string, got {_show(upstream)}")
+        try:
+            parse_upstream_url(upstream, "{topic}" if mode == "shared" else "{path}")
+        except ValueError as exc:
+            raise ConfigError(label, f"{label}: {exc}, got {_show(upstream)}") from None
+        headers: list[tuple[str, str]] = []
+        hdrs = entry.get("headers", {})
+        if not isinstance(hdrs, dict):
+            raise ConfigError(f"{prefix}.headers", f"{prefix}.headers: expected a table of NAME = \"VALUE\"")
+        for name, value in hdrs.items():
+            try:
+                headers.append(route_header(name, value))
+            except ValueError as exc:
+                raise ConfigError(f"{prefix}.headers", f"{prefix}.headers: {exc}") from None
+        if mode == "shared":
+            label = f"{prefix}.topics"
+            source = entry.get("topics")
+            if source is None:
+                raise ConfigError(label, f"{label}: required key is missing (a topic pattern)")
+            if not isinstance(source, str):
+                raise ConfigError(label, f"{label}: expected a topic pattern string, got {_show(source)}")
+            try:
+                pattern = Pattern(source)
+            except ValueError as exc:
+                raise ConfigError(label, f"{label}: {exc}") from None
+            if pattern.has_sub:
+                raise ConfigError(label, f"{label}: {{sub}} only makes sense in token claims, not in [[routes]]")
+            linger = _value(_TOP["history_ttl"], entry.get("linger", "30s"), False, None, f"{prefix}.linger")
+            for j, other in enumerate(rules):
+                if other.topics is not None and _patterns_overlap(other.topics, pattern):
+                    raise ConfigError(label, f"{label}: {source!r} overlaps routes[{j}].topics "
+                                             f"{other.topics.source!r} (a topic must have one upstream)")
+            rules.append(RouteRule("shared", upstream, topics=pattern, headers=tuple(headers), linger=linger))
+        else:
+            label = f"{prefix}.path"
+            path = entry.get("path")
+            if path is None:
+                raise ConfigError(label, f"{label}: required key is missing (a path prefix like \"/stream/\")")
+            if not isinstance(path, str) or not path.startswith("/") or len(path) < 2 or any(
+                    c in path for c in "?# \r\n\t\0"):
+                raise ConfigError(label, f"{label}: expected a path prefix like \"/stream/\" (starts with /, "
+                                         f"no query), got {_show(path)}")
+            for own in _OWN_PATHS:
+                if own.startswith(path) or path.startswith(own):
+                    raise ConfigError(label, f"{label}: {path!r} would shadow the gateway's own {own}")
+            for j, other in enumerate(rules):
+                if other.mode == "proxy" and (other.path.startswith(path) or path.startswith(other.path)):
+                    raise ConfigError(label, f"{label}: {path!r} overlaps routes[{j}].path {other.path!r}")
+            rules.append(RouteRule("proxy", upstream, path=path, headers=tuple(headers)))
+    return tuple(rules)
+
+
 def _build(
     data: Mapping[str, Any], environ: Mapping[str, str], flags: Mapping[str, Any]
 ) -> Config:
@@ -293,9 +444,9 @@ def _build(
     if not isinstance(auth_data, dict):
         raise ConfigError("auth", "auth: expected a table ([auth])")
     for name in data:
-        if name not in _TOP and name not in ("auth", "topics"):
+        if name not in _TOP and name not in ("auth", "topics", "routes"):
             hint = " (it belongs in the [auth] table)" if name in _AUTH else ""
-            raise _unknown(name, name, [*_TOP, "auth", "topics"], hint)
+            raise _unknown(name, name, [*_TOP, "auth", "topics", "routes"], hint)
     for name in auth_data:
         if name not in _AUTH:
             raise _unknown(f"auth.{name}", name, list(_AUTH))
@@ -374,7 +525,8 @@ def _build(
         publish_keys=values["auth.publish_keys"],
     )
     topics = _topic_rules(data.get("topics", []))
-    return Config(**{name: values[name] for name in _TOP}, auth=auth, topics=topics)
+    routes = _route_rules(data.get("routes", []))
+    return Config(**{name: values[name] for name in _TOP}, auth=auth, topics=topics, routes=routes)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -472,4 +624,17 @@ def render(config: Config) -> str:
             value = getattr(rule, name)
             if value is not None:
                 lines.append(f"{name} = {_render_value(_TOP[name], value)}")
+    for route in config.routes:
+        lines += ["", "[[routes]]", f"mode = {_toml_str(route.mode)}"]
+        if route.topics is not None:
+            lines.append(f"topics = {_toml_str(route.topics.source)}")
+        else:
+            lines.append(f"path = {_toml_str(route.path)}")
+        lines.append(f"upstream = {_toml_str(route.upstream)}")
+        if route.mode == "shared":
+            lines.append(f"linger = {_render_value(_TOP['history_ttl'], route.linger)}")
+        if route.headers:
+            shown = ", ".join(f"{_toml_str(k)} = {_toml_str(_MASK if _SECRET_HEADER.fullmatch(k) else v)}"
+                              for k, v in route.headers)
+            lines.append(f"headers = {{ {shown} }}")
     return "\n".join(lines) + "\n"

@@ -581,3 +581,65 @@ def _render_value(key: _Key, value: Any) -> str:
     if key.kind == "list":
         return "[" + ", ".join(_toml_str(str(item)) for item in value) + "]"
     raise AssertionError(key.kind)  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------------
+# Upstream routes ([[routes]])
+
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", re.ASCII)
+#: Header names a route may not set: the gateway writes them itself (framing, resume), or
+#: they are hop-by-hop (RFC 9110 section 7.6.1).
+ROUTE_HEADERS_RESERVED = frozenset((
+    "host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te", "trailer",
+    "proxy-connection", "last-event-id", "accept",
+))
+
+
+def parse_upstream_url(url: str, placeholder: str) -> tuple[str, str, int, str]:
+    """``http://HOST[:PORT]/PATH...`` with ``placeholder`` (``{topic}`` or ``{path}``) in its
+    path or query -> (scheme, host, port, request-target template).
+
+    The one owner of this syntax (config validation and the upstream client both call it).
+    ``http`` and ``https`` only; no user or password (credentials go in ``headers``, which
+    check-config masks), no fragment, the placeholder exactly once and not in the host.
+
+    Raises:
+        ValueError: the URL is not of that form; the message says what is wrong.
+    """
+    m = re.fullmatch(r"(?i)(https?)://([^/?#]*)([^#]*)", url)
+    if m is None:
+        scheme = url.partition("://")[0] if "://" in url else ""
+        if scheme and scheme.lower() not in ("http", "https"):
+            raise ValueError(f"scheme {scheme!r} is not supported: use http:// or https://")
+        raise ValueError("expected an http:// or https:// URL without a #fragment")
+    scheme, authority, target = m[1].lower(), m[2], m[3]
+    if "@" in authority:
+        raise ValueError("a user or password in the URL is not supported (send credentials with headers)")
+    if placeholder in authority:
+        raise ValueError(f"{placeholder} must be in the path or query, not in the host")
+    hm = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._\-]+)(?::([0-9]{1,5}))?", authority, re.ASCII)
+    if hm is None:
+        raise ValueError(f"bad host {authority!r}")
+    port = int(hm[2]) if hm[2] else (443 if scheme == "https" else 80)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range (1..65535)")
+    if target.count(placeholder) != 1:
+        raise ValueError(f"must contain {placeholder} exactly once")
+    if not target.startswith("/"):
+        target = "/" + target
+    if any(c in target for c in " \r\n\t\0"):
+        raise ValueError("the path must not contain spaces or control characters")
+    return scheme, hm[1].strip("[]"), port, target
+
+
+def route_header(name: object, value: object) -> tuple[str, str]:
+    """One ``headers`` entry of a route, checked; raises ValueError naming the problem."""
+    if not isinstance(name, str) or not _HEADER_NAME_RE.fullmatch(name):
+        raise ValueError(f"{_show(name)} is not a header name (RFC 9110 token characters)")
+    if name.lower() in ROUTE_HEADERS_RESERVED:
+        raise ValueError(f"{name!r} is set by the gateway itself")
+    if not isinstance(value, str):
+        raise ValueError(f"{name}: expected a string value")
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError(f"{name}: value contains CR, LF or NUL")
+    return name, value
