@@ -295,6 +295,22 @@ def test_ids_increase_and_are_delivered_in_order() -> None:
             assert [x.id for x in p.events] == [format_id(b.epoch, e.seq)]
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b.c"]), st.text(max_size=40), st.sampled_from([None, "tick"])),
+                min_size=1, max_size=20))
+def test_published_frames_are_exactly_encode_frame_of_their_id(items) -> None:  # noqa: ANN001
+    """The broker builds frames in one bytes formatting, not through encode_frame; they must
+    be the same bytes."""
+    from ssegw.core.sse import encode_frame
+
+    b, _, delivered = make_broker()
+    msgs = [parse_message({"topic": t, "data": d, **({"event": e} if e else {})}, orjson.dumps) for t, d, e in items]
+    ids = b.publish_now(msgs)
+    evs = delivered[-1]
+    assert [e.frame for e in evs] == [encode_frame(i, m.body) for i, m in zip(ids, msgs, strict=True)]
+    assert ids == [format_id(b.epoch, e.seq) for e in evs]
+
+
 def test_epochs_differ_between_brokers() -> None:
     assert make_broker()[0].epoch != make_broker()[0].epoch
 

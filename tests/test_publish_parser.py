@@ -266,3 +266,56 @@ def test_parse_message_names_where_in_errors() -> None:
     assert ei.value.detail.startswith("messages[7].key")
     m = parse_message({"topic": "t", "data": "x"}, orjson.dumps)
     assert "Message('t'" in repr(m)
+
+
+# -- the column-wise path for plain batches (publish._plain_batch) ----------------------------
+
+PLAIN_TOPICS = st.sampled_from(["t", "a.b", "x" * 128, "x" * 129, "", "a b", "a\nb", "a\n", "\n", "é", 1, None])
+PLAIN_LIKE = st.one_of(
+    st.fixed_dictionaries({"topic": PLAIN_TOPICS, "data": JSON_VALUES}),
+    MESSAGE_LIKE,
+    JSON_SCALARS,
+    st.lists(JSON_SCALARS, max_size=2),
+)
+
+
+def _per_message(body: list) -> list[Message] | ProtocolError:
+    """The message-by-message path alone (what parse_publish did before the column path)."""
+    from ssegw.core import publish as pub
+
+    saved = pub._plain_batch
+    pub._plain_batch = lambda obj, dumps: None  # type: ignore[assignment]
+    try:
+        return parse_publish(body, 10_000, orjson.dumps)
+    except ProtocolError as e:
+        return e
+    finally:
+        pub._plain_batch = saved  # type: ignore[assignment]
+
+
+@settings(max_examples=500)
+@given(body=st.lists(PLAIN_LIKE, min_size=1, max_size=8))
+def test_the_column_path_and_the_message_path_agree(body: list) -> None:
+    """Any batch: the same messages (topic, event, key, body bytes), or the same refusal."""
+    body = orjson.loads(orjson.dumps(body))
+    want = _per_message(body)
+    try:
+        got: list[Message] | ProtocolError = parse_publish(body, 10_000, orjson.dumps)
+    except ProtocolError as e:
+        got = e
+    if isinstance(want, ProtocolError):
+        assert isinstance(got, ProtocolError) and (got.code, got.detail) == (want.code, want.detail)
+    else:
+        assert not isinstance(got, ProtocolError)
+        assert [(m.topic, m.event, m.key, m.body) for m in got] == [(m.topic, m.event, m.key, m.body) for m in want]
+
+
+def test_the_column_path_takes_plain_batches_and_leaves_the_rest() -> None:
+    from ssegw.core.publish import _plain_batch
+
+    plain = [{"topic": "m.1", "data": {"p": 1}}, {"topic": "m.2", "data": "a\nb"}]
+    msgs = _plain_batch(plain, orjson.dumps)
+    assert msgs is not None and [(m.topic, m.body) for m in msgs] == [("m.1", b'data: {"p":1}\n'), ("m.2", b"data: a\ndata: b\n")]
+    for bad in ([{"topic": "a\nb", "data": 1}], [{"topic": "a", "data": 1, "key": "k"}], [{"topic": "", "data": 1}],
+                [{"topic": "x" * 129, "data": 1}], [["topic", "data"]], [{"topic": 1, "data": 1}], [{"data": 1, "x": 2}]):
+        assert _plain_batch(bad, orjson.dumps) is None, bad

@@ -15,9 +15,7 @@ import secrets
 from collections.abc import Callable
 
 from ..core.history import Event, HistoryStore
-from ..core.ids import format_id
 from ..core.publish import Message
-from ..core.sse import encode_frame
 from .base import Replay
 
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -64,9 +62,14 @@ class MemoryBroker:
         self.seq += len(messages)
         # One pass per step, in comprehensions: a batch of 100 messages is the common case
         # and per-message Python overhead is the cost of publishing (tuning.md).
-        ids = [format_id(epoch, s) for s in range(first, self.seq + 1)]
-        events = [Event(m.topic, s, now, encode_frame(eid, m.body), m.key)
-                  for m, s, eid in zip(messages, range(first, self.seq + 1), ids, strict=True)]
+        # The frame is encode_frame(format_id(epoch, s), body) in one bytes formatting
+        # (~0.2 us a message less than building the id first; tests/test_history.py
+        # holds the two to the same bytes).
+        prefix = b"id: %s-" % epoch.encode("ascii")
+        seqs = range(first, self.seq + 1)
+        events = [Event(m.topic, s, now, b"%s%d\n%s\n" % (prefix, s, m.body), m.key)
+                  for m, s in zip(messages, seqs, strict=True)]
+        ids = [f"{epoch}-{s}" for s in seqs]
         self.history.extend(events, now)
         self.published += len(events)
         if self._deliver is not None:

@@ -42,13 +42,14 @@ class Event:
 
 
 class TopicHistory:
-    __slots__ = ("events", "trimmed_upto", "size", "ttl_ms")
+    __slots__ = ("events", "trimmed_upto", "size", "ttl_ms", "touched")
 
     def __init__(self, size: int, ttl_ms: int) -> None:
         self.events: deque[Event] = deque()
         self.trimmed_upto = 0
         self.size = size
         self.ttl_ms = ttl_ms  # 0 = no age limit
+        self.touched = 0  # HistoryStore's stamp of the last publish to it
 
     def append(self, ev: Event, now_ms: int) -> None:
         self.events.append(ev)
@@ -98,8 +99,13 @@ class HistoryStore:
         # settings(topic) -> (history_size, history_ttl_ms)
         self._settings = settings
         self.topics: dict[str, TopicHistory] = {}
-        # The same topics, least recently published first (the sweep reorders ``topics``).
-        self._recent: dict[str, None] = {}
+        # The same topics, each with the stamp it had when it was put here, oldest first.  A
+        # publish only stamps its topic (``touched``); the order is mended lazily, when the
+        # topic budget must forget one: a topic at the front whose stamp moved on goes to the
+        # back instead (one move per publish at most, amortised O(1)).  Reordering this dict
+        # on every publish cost a dict delete and insert per message on the publish path.
+        self._recent: dict[str, int] = {}
+        self._stamp = 0
         self.max_topics = max_topics
         self.forgotten_upto = 0
         self.evicted = 0
@@ -107,30 +113,43 @@ class HistoryStore:
     def append(self, ev: Event, now_ms: int) -> None:
         topic = ev.topic
         h = self.topics.get(topic)
-        recent = self._recent
+        self._stamp += 1
         if h is None:
-            size, ttl_ms = self._settings(topic)  # type: ignore[operator]
-            h = self.topics[topic] = TopicHistory(size, ttl_ms)
-            h.trimmed_upto = self.forgotten_upto
-            if len(recent) >= self.max_topics:
-                self._forget(next(iter(recent)))
-        else:
-            del recent[topic]
-        recent[topic] = None
+            h = self._new_topic(topic)
+        h.touched = self._stamp
         h.append(ev, now_ms)
+
+    def _new_topic(self, topic: str) -> TopicHistory:
+        size, ttl_ms = self._settings(topic)  # type: ignore[operator]
+        h = self.topics[topic] = TopicHistory(size, ttl_ms)
+        h.trimmed_upto = self.forgotten_upto
+        recent = self._recent
+        if len(recent) >= self.max_topics:
+            self._forget(self._least_recent())
+        recent[topic] = h.touched = self._stamp
+        return h
+
+    def _least_recent(self) -> str:
+        recent = self._recent
+        topics = self.topics
+        while True:
+            name, stamp = next(iter(recent.items()))
+            touched = topics[name].touched
+            if touched == stamp:
+                return name
+            del recent[name]  # published to since it was put here: to the back
+            recent[name] = touched
 
     def extend(self, events: list[Event], now_ms: int) -> None:
         """:meth:`append` for each of ``events``, inlined (the publish path's hot loop)."""
         topics = self.topics
-        recent = self._recent
+        self._stamp += 1
+        stamp = self._stamp
         for ev in events:
-            topic = ev.topic
-            h = topics.get(topic)
+            h = topics.get(ev.topic)
             if h is None:
-                self.append(ev, now_ms)
-                continue
-            del recent[topic]
-            recent[topic] = None
+                h = self._new_topic(ev.topic)
+            h.touched = stamp
             q = h.events
             q.append(ev)
             while len(q) > h.size:

@@ -12,7 +12,9 @@ core free of third-party imports.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from itertools import repeat
 
 from .errors import BadRequest, PayloadTooLarge
 from .sse import RESERVED_EVENT_PREFIX, data_lines, encode_body, validate_event_name
@@ -88,6 +90,36 @@ def parse_message(obj: object, dumps: Callable[[object], bytes], where: str = "m
     return Message(topic, event, key, encode_body(event, lines))
 
 
+#: Newline-terminated topic names, one after another (topics.py's name rule, per line).
+_TOPIC_LINES = re.compile(r"(?:[A-Za-z0-9_\-.:@/]{1,128}\n)*\Z")
+
+
+def _plain_batch(obj: list, dumps: Callable[[object], bytes]) -> list[Message] | None:
+    """The batch of the shape market-data publishers send -- every message exactly
+    ``{"topic": NAME, "data": ...}`` -- validated column by column, in C loops (list
+    comprehensions, one regex over all topic names, ``map``), not message by message: a
+    batch of 100 spends ~0.5 us a message less here (tuning.md "Publish ingest").  None when
+    any message is of another shape or fails a check: the caller then takes the message by
+    message path, which gives the same result for a good batch and words the error for a bad
+    one (tests/test_publish_parser.py holds the two paths to the same output).
+    """
+    try:
+        topics = [m["topic"] for m in obj]  # TypeError: not an object; KeyError: no topic
+        datas = [m["data"] for m in obj]
+        joined = "\n".join(topics)  # TypeError: a topic that is not a string
+    except (TypeError, KeyError):
+        return None
+    if (set(map(len, obj)) != {2}  # no other field (and, with topic and data found, dicts only)
+            or joined.count("\n") != len(topics) - 1  # no name with a newline of its own
+            or _TOPIC_LINES.match(joined + "\n") is None):
+        return None
+    try:
+        bodies = [data_lines(d) if type(d) is str else b"data: " + dumps(d) + b"\n" for d in datas]
+    except (BadRequest, TypeError, ValueError):
+        return None
+    return list(map(Message, topics, repeat(None), repeat(None), bodies))
+
+
 def parse_publish(obj: object, max_batch: int, dumps: Callable[[object], bytes]) -> list[Message]:
     """Validate a decoded ``/publish`` body: one message or an array of them.
 
@@ -102,6 +134,9 @@ def parse_publish(obj: object, max_batch: int, dumps: Callable[[object], bytes])
             raise PayloadTooLarge(
                 f"batch of {len(obj)} messages is over max_batch ({max_batch})", code="batch_too_large"
             )
+        fast = _plain_batch(obj, dumps)
+        if fast is not None:
+            return fast
         out: list[Message] = []
         append = out.append
         for i, m in enumerate(obj):
