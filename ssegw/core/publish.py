@@ -18,7 +18,7 @@ from itertools import repeat
 
 from .errors import BadRequest, PayloadTooLarge
 from .sse import RESERVED_EVENT_PREFIX, data_lines, encode_body, validate_event_name
-from .topics import topic_match, validate_topic
+from .topics import MAX_TOPIC_LEN, TOPIC_CHAR, topic_match, validate_topic
 
 #: Longest conflation key, in characters; keys are map keys in a slow client's buffer.
 MAX_KEY_LEN = 256
@@ -91,7 +91,7 @@ def parse_message(obj: object, dumps: Callable[[object], bytes], where: str = "m
 
 
 #: Newline-terminated topic names, one after another (topics.py's name rule, per line).
-_TOPIC_LINES = re.compile(r"(?:[A-Za-z0-9_\-.:@/]{1,128}\n)*\Z")
+_TOPIC_LINES = re.compile(r"(?:%s{1,%d}\n)*\Z" % (TOPIC_CHAR, MAX_TOPIC_LEN))
 
 
 def _plain_batch(obj: list, dumps: Callable[[object], bytes]) -> list[Message] | None:

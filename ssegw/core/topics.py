@@ -17,7 +17,9 @@ import re
 from .errors import BadRequest
 
 MAX_TOPIC_LEN = 128
-_TOPIC_RE = re.compile(r"[A-Za-z0-9_\-.:@/]{1,128}\Z")
+#: One character of a topic name (a regular-expression class).
+TOPIC_CHAR = r"[A-Za-z0-9_\-.:@/]"
+_TOPIC_RE = re.compile(TOPIC_CHAR + r"{1,128}\Z")
 _SEGMENT_RE = re.compile(r"(?:[A-Za-z0-9_\-:@/]|\{sub\})+\Z")
 #: ``topic_match(name)`` is not None exactly when ``name`` (a str) is a valid topic name.
 topic_match = _TOPIC_RE.match
