@@ -412,10 +412,10 @@ def _route_rules(raw: object) -> tuple[RouteRule, ...]:
             if pattern.has_sub:
                 raise ConfigError(label, f"{label}: {{sub}} only makes sense in token claims, not in [[routes]]")
             linger = _value(_TOP["history_ttl"], entry.get("linger", "30s"), False, None, f"{prefix}.linger")
-            for j, other in enumerate(rules):
-                if other.topics is not None and _patterns_overlap(other.topics, pattern):
+            for j, prev in enumerate(rules):
+                if prev.topics is not None and _patterns_overlap(prev.topics, pattern):
                     raise ConfigError(label, f"{label}: {source!r} overlaps routes[{j}].topics "
-                                             f"{other.topics.source!r} (a topic must have one upstream)")
+                                             f"{prev.topics.source!r} (a topic must have one upstream)")
             rules.append(RouteRule("shared", upstream, topics=pattern, headers=tuple(headers), linger=linger))
         else:
             label = f"{prefix}.path"
@@ -429,9 +429,9 @@ def _route_rules(raw: object) -> tuple[RouteRule, ...]:
             for own in _OWN_PATHS:
                 if own.startswith(path) or path.startswith(own):
                     raise ConfigError(label, f"{label}: {path!r} would shadow the gateway's own {own}")
-            for j, other in enumerate(rules):
-                if other.mode == "proxy" and (other.path.startswith(path) or path.startswith(other.path)):
-                    raise ConfigError(label, f"{label}: {path!r} overlaps routes[{j}].path {other.path!r}")
+            for j, prev in enumerate(rules):
+                if prev.mode == "proxy" and (prev.path.startswith(path) or path.startswith(prev.path)):
+                    raise ConfigError(label, f"{label}: {path!r} overlaps routes[{j}].path {prev.path!r}")
             rules.append(RouteRule("proxy", upstream, path=path, headers=tuple(headers)))
     return tuple(rules)
 

@@ -105,6 +105,15 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("ssegw_broker_gap_fills", "counter", "Gap fills from history after a broker reconnect.", "broker_gap_fills"),
     ("ssegw_broker_gap_events", "counter", "Events delivered by gap fills.", "broker_gap_events"),
     ("ssegw_broker_gaps_lost", "counter", "Gaps history could not fill (streams closed to resume).", "broker_gap_lost"),
+    ("ssegw_upstream_streams", "gauge", "Upstream streams of shared routes this gateway holds (their lease).",
+     "upstream_streams"),
+    ("ssegw_upstream_down", "gauge", "Held upstream streams that are down (reconnecting).", "upstream_down"),
+    ("ssegw_upstream_connects", "counter", "Upstream streams opened (200 text/event-stream answers).",
+     "upstream_connects"),
+    ("ssegw_upstream_events", "counter", "Upstream events published into their topics.", "upstream_events"),
+    ("ssegw_upstream_publish_errors", "counter", "Upstream events the broker could not take (lost).",
+     "upstream_publish_errors"),
+    ("ssegw_upstream_transitions", "counter", "Upstream status changes (down or up again).", "upstream_transitions"),
     ("ssegw_workers", "gauge", "Worker processes running (1 without a supervisor).", "workers"),
     ("ssegw_worker_restarts", "counter", "Workers restarted by the supervisor after a crash.", "worker_restarts"),
     ("ssegw_watchdog_misses", "counter",
@@ -118,6 +127,8 @@ AUTH_REASONS = ("missing", "malformed", "bad_signature", "bad_key", "algorithm",
 #: Why admission or the protocol guards refused a connection or request.
 REFUSED_REASONS = ("capacity", "descriptors", "rate", "per_ip", "ip_denied", "draining", "head_timeout",
                    "bad_request", "too_large", "other")
+#: Why an upstream stream failed or ended (server/upstream_client.py FAILURE_REASONS).
+UPSTREAM_FAILURE_REASONS = ("connect", "status", "content_type", "stall", "malformed", "too_large", "closed")
 #: Which broker operation failed.
 BROKER_ERROR_KINDS = ("publish", "replay", "reconnect", "gap_lost", "other")
 
@@ -134,6 +145,8 @@ LABELLED: tuple[tuple[str, str, str, str, tuple[str, ...] | None], ...] = (
      "reason", "refused", REFUSED_REASONS),
     ("ssegw_broker_errors", "Broker operations that failed, by kind.", "kind", "broker_errors",
      BROKER_ERROR_KINDS),
+    ("ssegw_upstream_failures", "Upstream stream attempts or streams that failed or ended, by reason.", "reason",
+     "upstream_failures", UPSTREAM_FAILURE_REASONS),
 )
 
 # (name, help, snapshot key, bucket upper bounds).

@@ -95,3 +95,34 @@ class Broker(Protocol):
         """Periodic housekeeping (history trimming, presence refresh)."""
 
     def stats(self) -> dict[str, object]: ...
+
+    async def lease(self, name: str, owner: str, ttl_ms: int, note: str | None) -> tuple[bool, str | None]:
+        """Take the lease ``name`` for ``owner`` if nobody holds it, or renew it if ``owner``
+        holds it, for ``ttl_ms`` (upstream routes: one upstream stream per topic).  The
+        holder may store ``note`` with it (None: leave it); everyone reads it back.
+
+        Returns:
+            (whether ``owner`` holds the lease now, the note last stored).
+
+        Raises:
+            BrokerUnavailable: the lease could not be asked for (Redis unreachable).
+        """
+
+    async def release(self, name: str, owner: str) -> None:
+        """Give the lease ``name`` up if ``owner`` holds it."""
+
+
+class LocalLeases:
+    """Leases within one process (the embedded broker): nobody else can hold one, so
+    every ask is granted; the note is kept for the process's own readers."""
+
+    _notes: dict[str, str]
+
+    async def lease(self, name: str, owner: str, ttl_ms: int, note: str | None) -> tuple[bool, str | None]:
+        notes = self.__dict__.setdefault("_notes", {})
+        if note is not None:
+            notes[name] = note
+        return True, notes.get(name)
+
+    async def release(self, name: str, owner: str) -> None:
+        self.__dict__.setdefault("_notes", {}).pop(name, None)

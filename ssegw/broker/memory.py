@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from ..core.history import Event, HistoryStore
 from ..core.publish import Message
-from .base import Replay
+from .base import LocalLeases, Replay
 
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -25,7 +25,7 @@ def new_epoch() -> str:
     return "".join(secrets.choice(_ALPHABET) for _ in range(8))
 
 
-class MemoryBroker:
+class MemoryBroker(LocalLeases):
     kind = "memory"
 
     def __init__(self, settings: Callable[[str], tuple[int, int]], clock_ms: Callable[[], int]) -> None:

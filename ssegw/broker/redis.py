@@ -127,6 +127,29 @@ TOKEN_TTL_MS = 120_000
 AUTO_RECHECK = 10.0
 
 
+#: How long a lease's note (an upstream's status and last id) outlives its last write.
+NOTE_TTL_MS = 3_600_000
+_LEASE_LUA = """
+local cur = redis.call('GET', KEYS[1])
+local held = 0
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  held = 1
+elseif not cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+  held = 1
+end
+if held == 1 and ARGV[3] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+end
+return {held, redis.call('GET', KEYS[2])}
+"""
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 class RedisBroker(Listener):
     kind = "redis"
 
@@ -612,6 +635,33 @@ class RedisBroker(Listener):
             return await self._presence.total(first.client, first.prefix, topic, local)
         except UNREACHABLE as e:
             raise BrokerUnavailable(f"redis unreachable: {e}") from None
+
+    # -- leases (upstream routes: one upstream stream per topic in the cluster) -----------
+
+    async def lease(self, name: str, owner: str, ttl_ms: int, note: str | None) -> tuple[bool, str | None]:
+        """``SET NX PX`` to take the lease, ``PEXPIRE`` to renew it (only by its owner), in one
+        script so that a renewal can never extend someone else's lease.  The note lives in its
+        own key (``NOTE_TTL_MS``) so that it outlives a holder that died: the next holder
+        reads where the last one got to."""
+        first = self.shards[0] if self.shards else None
+        if first is None or first.client is None or not first.up:
+            raise BrokerUnavailable("redis is not connected")
+        keys = (f"{first.prefix}:lease:{name}", f"{first.prefix}:lease-note:{name}")
+        try:
+            held, stored = await first.client.eval(  # type: ignore[misc]
+                _LEASE_LUA, 2, *keys, owner, ttl_ms, "" if note is None else note, NOTE_TTL_MS)
+        except (*UNREACHABLE, RedisError) as e:
+            raise BrokerUnavailable(f"redis unreachable: {e}") from None
+        return bool(held), stored.decode("utf-8", "replace") if stored else None
+
+    async def release(self, name: str, owner: str) -> None:
+        first = self.shards[0] if self.shards else None
+        if first is None or first.client is None:
+            return
+        try:
+            await first.client.eval(_RELEASE_LUA, 1, f"{first.prefix}:lease:{name}", owner)  # type: ignore[misc]
+        except (*UNREACHABLE, RedisError) as e:
+            log.debug("lease release failed (it expires by itself): %s", e)
 
     async def _housekeeping_loop(self) -> None:
         """Every second: refresh presence, unsubscribe topics nobody here wants any more."""

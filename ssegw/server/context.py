@@ -39,6 +39,7 @@ from ..policy.limits import Admission, ConnCounter, IPFilter, TokenBuckets, in_n
 from .access import configure_access
 from .flow import Flow
 from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol, Request
+from .upstream import SharedRoutes
 
 log = logging.getLogger("ssegw.worker")
 
@@ -181,6 +182,8 @@ class Context:
         #: Publishes whose head passed check_head: when it came in (perf_counter), and the
         #: publisher's Authorization and loopback-ness, decided then.
         self.publish_t0: dict[HTTPProtocol, tuple[float, str | None, bool]] = {}
+        #: Shared upstream routes (server/upstream.py), when any are configured.
+        self.upstreams = SharedRoutes(self) if any(r.mode == "shared" for r in cfg.routes) else None
 
     def now_ms(self) -> int:
         assert self.loop is not None
@@ -287,14 +290,22 @@ class Context:
             p.next_request()
 
     def subscribe(self, p: HTTPProtocol, topics: tuple[str, ...]) -> None:
+        ups = self.upstreams
         for t in self.table.subscribe(p, topics):
             self.broker.interest(t, True)
+            if ups is not None:
+                ups.interest(t, True)
+        if ups is not None:
+            ups.subscribed(p, topics)
         self.presence_dirty.update(p.topics)
 
     def unsubscribe(self, p: HTTPProtocol) -> None:
         topics = p.topics
+        ups = self.upstreams
         for t in self.table.unsubscribe(p):
             self.broker.interest(t, False)
+            if ups is not None:
+                ups.interest(t, False)
         self.presence_dirty.update(topics)
 
     def abandon_stream(self, p: HTTPProtocol) -> None:
@@ -527,6 +538,7 @@ class Context:
             "hist_lag_s": self.hist_lag.snapshot(),
             "hist_publish_s": self.hist_publish.snapshot(),
             "hist_loop_s": self.hist_loop.snapshot(),
+            **(self.upstreams.snapshot() if self.upstreams is not None else {}),
         }
 
     # -- what the worker provides ------------------------------------------------------

@@ -403,6 +403,8 @@ def _publish(w: Context, p: HTTPProtocol, req: Request, body: bytes, head: tuple
     msgs = parse_publish(obj, w.cfg.max_batch, orjson.dumps)
     if w.auth.enabled:  # auth off: the head decided it all (loopback or not), nothing per topic
         _authorize_publish(w, authz, sorted({m.topic for m in msgs}), loopback)
+    if w.upstreams is not None:
+        w.upstreams.refuse_routed(msgs)  # 409: a shared route's upstream feeds that topic
     broker = w.broker
     cors = cors_headers(w, p)
     ids = broker.publish_now(msgs)

@@ -189,6 +189,8 @@ class Worker(Context):
         await self.stopping
         for s in self.admin_servers:
             s.close()
+        if self.upstreams is not None:
+            await self.upstreams.close()  # before the broker: give the upstream leases up
         try:
             # Bounded: a broker that cannot say goodbye (Redis gone silent) must not keep a
             # drained worker alive until the supervisor kills it.
