@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(50)
 def config(up: Upstream, redis_url: str) -> str:
     return f"""
 redis = "{redis_url}"
-heartbeat_interval = "1s"
+heartbeat_interval = "5s"  # the upstream's stall allowance (11 s) outlasts every quiet spell here
 flush_interval = "5ms"
 [[routes]]
 topics = "up.>"
@@ -42,6 +42,14 @@ def test_one_upstream_for_the_cluster_taken_over_when_its_holder_dies(gateway, r
         assert wait_until(lambda g=g: g.request("GET", "/readyz", admin=True).status == 200, timeout=10)
     s1 = g1.stream("/events?topic=up.x")
     s2 = g2.stream("/events?topic=up.x")
+    try:
+        _cluster(g1, g2, s1, s2, upstream, redis_server)
+    finally:
+        s1.close()
+        s2.close()
+
+
+def _cluster(g1, g2, s1, s2, upstream: Upstream, redis_server) -> None:  # noqa: ANN001
     assert upstream.wait_open(1)
     time.sleep(2.5)  # both claims have asked for the lease at least twice by now
     assert len(upstream.requests) == 1 and len(upstream.open) == 1, "one upstream connection for the cluster"

@@ -39,6 +39,7 @@ from ..policy.limits import Admission, ConnCounter, IPFilter, TokenBuckets, in_n
 from .access import configure_access
 from .flow import Flow
 from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol, Request
+from .proxy import Proxies
 from .upstream import SharedRoutes
 
 log = logging.getLogger("ssegw.worker")
@@ -184,6 +185,8 @@ class Context:
         self.publish_t0: dict[HTTPProtocol, tuple[float, str | None, bool]] = {}
         #: Shared upstream routes (server/upstream.py), when any are configured.
         self.upstreams = SharedRoutes(self) if any(r.mode == "shared" for r in cfg.routes) else None
+        #: Proxy routes' streams (server/proxy.py), when any are configured.
+        self.proxies = Proxies(self) if any(r.mode == "proxy" for r in cfg.routes) else None
 
     def now_ms(self) -> int:
         assert self.loop is not None
@@ -338,6 +341,8 @@ class Context:
 
     def _detach(self, p: HTTPProtocol) -> None:
         self._release(p)
+        if self.proxies is not None:
+            self.proxies.forget(p)  # closes its upstream request, if it is a proxied stream
         wheel = self.wheel
         if wheel is not None:
             if p.timer is not None:
@@ -539,6 +544,7 @@ class Context:
             "hist_publish_s": self.hist_publish.snapshot(),
             "hist_loop_s": self.hist_loop.snapshot(),
             **(self.upstreams.snapshot() if self.upstreams is not None else {}),
+            **(self.proxies.snapshot() if self.proxies is not None else {}),
         }
 
     # -- what the worker provides ------------------------------------------------------

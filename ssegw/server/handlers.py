@@ -43,6 +43,7 @@ from ..metrics import CONTENT_TYPE, make_registry, render
 from ..policy.limits import client_ip
 from .context import Context
 from .protocol import HTTPProtocol, Request
+from .proxy import open_proxy
 
 log = logging.getLogger("ssegw.http")
 
@@ -98,6 +99,8 @@ def handle(w: Context, p: HTTPProtocol, req: Request, body: bytes) -> None:
         from ..demo import PAGE
 
         p.respond(200, PAGE, content_type=b"text/html; charset=utf-8")
+    elif w.proxies is not None and (route := w.cfg.proxy_route(path.decode("latin-1"))) is not None:
+        open_proxy(w, p, req, route, path, query)  # a proxy route's prefix (server/proxy.py)
     else:
         raise NotFound(f"no such path: {path[:200].decode('latin-1')}")
 
