@@ -51,19 +51,19 @@ def test_remove_is_idempotent() -> None:
     a, _b = added(t, 2)
     t.remove(a)
     t.remove(a)
-    assert len(t) == 1 and t.free == [0]
+    assert len(t) == 1 and list(t.free) == [0]
     # A removed record whose slot was reused must not evict the new owner.
     c = conn()
     t.add(c)
     a.slot = c.slot  # a stale record pointing at the reused slot
     t.remove(a)
-    assert t.records[c.slot] is c and len(t) == 2 and t.free == []
+    assert t.records[c.slot] is c and len(t) == 2 and list(t.free) == []
 
 
 def test_remove_never_added_is_a_noop() -> None:
     t = Table()
     t.remove(conn())
-    assert len(t) == 0 and t.free == []
+    assert len(t) == 0 and list(t.free) == []
 
 
 def test_subscribe_and_unsubscribe_maintain_the_index() -> None:

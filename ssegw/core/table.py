@@ -19,6 +19,7 @@ Subscribers of a topic are dicts keyed by slot: O(1) add/remove, fast iteration.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 
 from .conn import Conn
@@ -54,7 +55,11 @@ class Table:
 
     def __init__(self, conflate_for: Callable[[str], bool] | None = None) -> None:
         self.records: list[Conn | None] = []
-        self.free: list[int] = []
+        # Free slot numbers as C ints, not int objects: a freed slot's number would be an
+        # object allocated at close time and kept for good, and a flood's closes would leave
+        # those scattered over the allocator's arenas, pinning each (measured: 4,000 idle
+        # connections left 3-4 MiB of arenas held by ~100 KB of ints).
+        self.free = array("l")
         self.used = 0
         self.streams = 0
         self.topics: dict[str, TopicState] = {}
