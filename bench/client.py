@@ -246,7 +246,7 @@ async def main(args: argparse.Namespace) -> None:
     t0 = time.monotonic()
     for i in range(n):
         topic = args.topic.format(i=args.offset + i)
-        req = (f"GET /events?topic={topic} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n"
+        req = (f"GET {args.path.format(topic=topic)} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n"
                f"Accept: text/event-stream\r\n\r\n").encode()
         sampled = bool(step) and i % step == 0 and i // step < args.sample
         tasks.append(loop.create_task(open_one(loop, app, args.host, args.port, srcs[i % len(srcs)], req,
@@ -324,6 +324,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--conns", type=int, required=True)
     ap.add_argument("--topic", default="ticker", help="topic name; {i} is the connection's global index")
+    ap.add_argument("--path", default="/events?topic={topic}",
+                    help="request target; {topic} is the topic name (bench/upstream.py: a proxy route's path)")
     ap.add_argument("--offset", type=int, default=0, help="global index of this process's first connection")
     ap.add_argument("--sample", type=int, default=0, help="connections that parse latency (spread evenly)")
     ap.add_argument("--src", default="127.0.0.2", help="comma-separated source addresses")

@@ -184,7 +184,8 @@ class Clients:
 
     @classmethod
     async def start(cls, port: int, conns: int, procs: int, topic: str, sample: int, core: str,
-                    per_src: int = 10_000, max_life: float = 1800, count: str = "scan") -> Clients:
+                    per_src: int = 10_000, max_life: float = 1800, count: str = "scan",
+                    path: str | None = None) -> Clients:
         self = cls()
         self.count = count
         base = 0
@@ -197,7 +198,7 @@ class Clients:
             src_i += nsrc
             cmd = ["taskset", "-c", core, PYTHON, str(BENCH / "client.py"), "--port", str(port), "--conns", str(n),
                    "--topic", topic, "--offset", str(base), "--sample", str(s), "--src", srcs,
-                   "--max-life", str(max_life), "--count", count]
+                   "--max-life", str(max_life), "--count", count, *(("--path", path) if path else ())]
             proc = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.PIPE,
                                                         stdout=asyncio.subprocess.PIPE, limit=64 * 1024 * 1024)
             self.procs.append(proc)
