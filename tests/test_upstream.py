@@ -251,3 +251,25 @@ def test_check_config_refuses_bad_routes(tmp_path) -> None:
         r = subprocess.run([sys.executable, "-m", "ssegw", "check-config", str(f)], cwd=ROOT, capture_output=True,
                            text=True, timeout=20)
         assert r.returncode != 0 and want in r.stderr, (body, r.stderr)
+
+
+def test_local_leases_one_holder_at_a_time() -> None:
+    """The embedded broker's leases: two generations of workers in one process (a reload)
+    never both run a topic's upstream."""
+    import asyncio
+
+    from ssegw.broker.base import LocalLeases
+
+    async def go() -> None:
+        leases = LocalLeases()
+        assert await leases.lease("t", "old", 200, '{"last_id": "7"}') == (True, '{"last_id": "7"}')
+        assert await leases.lease("t", "new", 200, None) == (False, '{"last_id": "7"}')
+        assert (await leases.lease("t", "old", 200, None))[0], "the holder renews"
+        await leases.release("t", "new")  # not the holder: nothing happens
+        assert not (await leases.lease("t", "new", 200, None))[0]
+        await leases.release("t", "old")
+        assert await leases.lease("t", "new", 50, None) == (True, '{"last_id": "7"}'), "the note outlives its holder"
+        await asyncio.sleep(0.08)
+        assert (await leases.lease("t", "third", 50, None))[0], "a lapsed lease is free"
+
+    asyncio.run(go())

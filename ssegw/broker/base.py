@@ -10,6 +10,7 @@ trip); interest changes are fire-and-forget.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -112,17 +113,34 @@ class Broker(Protocol):
         """Give the lease ``name`` up if ``owner`` holds it."""
 
 
-class LocalLeases:
-    """Leases within one process (the embedded broker): nobody else can hold one, so
-    every ask is granted; the note is kept for the process's own readers."""
+#: Lease notes an embedded broker keeps (an upstream's last id outlives its stream, so that
+#: the next stream of the topic resumes; bounded, the oldest forgotten first).
+LOCAL_NOTES = 65_536
 
-    _notes: dict[str, str]
+
+class LocalLeases:
+    """Leases within one process (the embedded broker).  Real leases all the same: during a
+    single-process reload two generations of workers share the broker, and only one of them
+    may run a topic's upstream stream (the old one keeps it until it stops and gives it up,
+    or until the lease lapses)."""
 
     async def lease(self, name: str, owner: str, ttl_ms: int, note: str | None) -> tuple[bool, str | None]:
-        notes = self.__dict__.setdefault("_notes", {})
-        if note is not None:
-            notes[name] = note
-        return True, notes.get(name)
+        leases: dict[str, tuple[str, float]] = self.__dict__.setdefault("_leases", {})
+        notes: dict[str, str] = self.__dict__.setdefault("_notes", {})
+        now = time.monotonic()
+        cur = leases.get(name)
+        held = cur is None or cur[0] == owner or cur[1] <= now
+        if held:
+            leases[name] = (owner, now + ttl_ms / 1000)
+            if note is not None:
+                notes.pop(name, None)
+                notes[name] = note  # newest last: the oldest go first past LOCAL_NOTES
+                if len(notes) > LOCAL_NOTES:
+                    del notes[next(iter(notes))]
+        return held, notes.get(name)
 
     async def release(self, name: str, owner: str) -> None:
-        self.__dict__.setdefault("_notes", {}).pop(name, None)
+        leases: dict[str, tuple[str, float]] = self.__dict__.setdefault("_leases", {})
+        cur = leases.get(name)
+        if cur is not None and cur[0] == owner:
+            del leases[name]
