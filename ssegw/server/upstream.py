@@ -136,8 +136,9 @@ class SharedRoutes:
         for m in msgs:
             route = cfg.shared_route(m.topic)
             if route is not None:
+                # The route's URL is not named: its query may carry a backend credential.
                 raise ProtocolError(
-                    f"topic {m.topic!r} is fed by the upstream of a shared route ({route.upstream}); "
+                    f"topic {m.topic!r} is fed by a shared upstream route ({route.topics.source if route.topics else ''}); "
                     "it cannot be published to", status_hint=409, code="routed_topic")
 
     # -- the claim: lease, presence, linger ----------------------------------------------
@@ -147,38 +148,13 @@ class SharedRoutes:
         name = f"upstream:{st.name}"
         loop = asyncio.get_running_loop()
         while not self.closed and (st.local or st.holding):
-            now = loop.time()
-            note = orjson.dumps({"status": st.status, "detail": st.detail, "last_id": st.last_id}).decode() \
-                if st.holding else None
             try:
-                held, stored = await broker.lease(name, self.owner, LEASE_MS, note)
-            except BrokerUnavailable as e:
-                if st.holding and now - st.renewed > LEASE_MS / 1000:
-                    log.warning("upstream %s: lease not renewed for %.0fs (%s); closing the upstream stream",
-                                st.name, LEASE_MS / 1000, e)
-                    self._stop_pump(st)
+                await self._round(st, name, loop.time())
+            except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+                raise
+            except Exception:  # a bug of ours, or a broker error we do not know: next round
+                log.exception("upstream %s: lease round failed", st.name)
                 await asyncio.sleep(RENEW_S)
-                continue
-            if held:
-                st.renewed = now
-                if not st.holding:
-                    st.holding = True
-                    st.idle_since = 0.0
-                    if stored:
-                        self._adopt(st, stored)
-                    st.pump = loop.create_task(self._pump(st), name=f"ssegw-upstream-pump-{st.name}")
-                if await self._lingered(st, now):
-                    self._stop_pump(st)
-                    await broker.release(name, self.owner)
-                    log.info("upstream %s: no subscriber for %gs; stream closed", st.name, st.route.linger)
-                    continue
-            else:
-                if st.holding:
-                    log.warning("upstream %s: lease lost to another gateway; closing our stream", st.name)
-                    self._stop_pump(st)
-                if stored:
-                    self._follow(st, stored)
-            await asyncio.sleep(RENEW_S)
         if st.holding:
             self._stop_pump(st)
             if self.closed:
@@ -186,6 +162,43 @@ class SharedRoutes:
             await broker.release(name, self.owner)
         if not st.local and self.topics.get(st.name) is st:
             del self.topics[st.name]
+
+    async def _round(self, st: _Topic, name: str, now: float) -> None:
+        """One round of a claim: ask for (or renew) the lease, act on the answer, wait."""
+        broker = self.w.broker
+        note = None
+        if st.holding:
+            note = orjson.dumps({"status": st.status, "detail": st.detail, "last_id": st.last_id}).decode()
+        try:
+            held, stored = await broker.lease(name, self.owner, LEASE_MS, note)
+        except BrokerUnavailable as e:
+            if st.holding and now - st.renewed > LEASE_MS / 1000:
+                # Someone else may hold it by now: never two streams for one topic.
+                log.warning("upstream %s: lease not renewed for %.0fs (%s); closing the upstream stream",
+                            st.name, LEASE_MS / 1000, e)
+                self._stop_pump(st)
+            await asyncio.sleep(RENEW_S)
+            return
+        if held:
+            st.renewed = now
+            if not st.holding:
+                st.holding = True
+                st.idle_since = 0.0
+                if stored:
+                    self._adopt(st, stored)
+                st.pump = asyncio.get_running_loop().create_task(self._pump(st), name=f"ssegw-upstream-pump-{st.name}")
+            if await self._lingered(st, now):
+                self._stop_pump(st)
+                await broker.release(name, self.owner)
+                log.info("upstream %s: no subscriber for %gs; stream closed", st.name, st.route.linger)
+                return
+        else:
+            if st.holding:
+                log.warning("upstream %s: lease lost to another gateway; closing our stream", st.name)
+                self._stop_pump(st)
+            if stored:
+                self._follow(st, stored)
+        await asyncio.sleep(RENEW_S)
 
     async def _lingered(self, st: _Topic, now: float) -> bool:
         """Whether the holder should let go: no subscriber anywhere for ``linger``."""
@@ -248,6 +261,12 @@ class SharedRoutes:
                 if e.reason != "closed":
                     failures += 1
                     self._status(st, "down", e.detail)
+            except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+                raise
+            except Exception:  # a bug of ours: logged, and the stream is retried like a failure
+                log.exception("upstream %s: the stream failed unexpectedly", st.name)
+                failures += 1
+                self._status(st, "down", "internal error")
             finally:
                 if parser.retry_ms is not None:
                     st.retry_ms = parser.retry_ms
