@@ -35,6 +35,7 @@ import logging
 import os
 import random
 import socket
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 import orjson
@@ -276,7 +277,9 @@ class SharedRoutes:
             retry = (st.retry_ms or 0) / 1000
             await asyncio.sleep(retry + random.uniform(0, min(BACKOFF_MAX, BACKOFF_BASE * 2 ** min(failures, 16))))
 
-    async def _publish(self, st: _Topic, parser: SSEParser, evs: list[UpEvent]) -> None:
+    def _publish(self, st: _Topic, parser: SSEParser, evs: list[UpEvent]) -> Awaitable[None] | None:
+        """Publish one read's events: at once on the embedded broker (same loop turn as the
+        bytes); on one that must wait, the returned awaitable (the stream pauses reading)."""
         msgs = []
         for ev in evs:
             name = ev.event
@@ -289,10 +292,15 @@ class SharedRoutes:
                     raise UpstreamFailure("malformed", f"upstream event name {name[:60]!r} uses the reserved "
                                                        f"prefix {RESERVED_EVENT_PREFIX!r}")
             msgs.append(Message(st.name, name, None, encode_body(name, data_lines(ev.data))))
-        broker = self.w.broker
+        if self.w.broker.publish_now(msgs) is not None:
+            self.events += len(msgs)
+            st.last_id = parser.last_id
+            return None
+        return self._publish_wait(st, parser, msgs)
+
+    async def _publish_wait(self, st: _Topic, parser: SSEParser, msgs: list[Message]) -> None:
         try:
-            if broker.publish_now(msgs) is None:
-                await broker.publish(msgs)
+            await self.w.broker.publish(msgs)
         except (BrokerUnavailable, PublishUnresolved) as e:
             # Nothing to hand them to: they are lost for the gateway (the upstream may still
             # have them; a takeover resumes from the last id noted).  Counted, logged at debug:
