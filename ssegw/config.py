@@ -26,6 +26,7 @@ import difflib
 import logging
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -212,6 +213,11 @@ class Config:
     ip_allow: tuple[IPNetwork, ...] = ()
     ip_deny: tuple[IPNetwork, ...] = ()
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    proxy_protocol: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_min_version: str = "1.2"
+    tls_ciphers: str = ""
     cors_origins: tuple[str, ...] = ()
     cors_credentials: bool = False
     log_level: str = "info"
@@ -266,6 +272,24 @@ def _unknown(label: str, name: str, known: list[str], hint: str = "") -> ConfigE
     if close:
         hint = hint or f" (did you mean {close[0]!r}?)"
     return ConfigError(label, f"unknown key {label!r}{hint}")
+
+
+def tls_context(cert: str, key: str, min_version: str = "1.2", ciphers: str = "") -> ssl.SSLContext:
+    """The public listener's TLS context: the chain and key loaded now (a reload builds a new
+    one), HTTP/1.1 offered by ALPN, no compression, no renegotiation.
+
+    Raises:
+        OSError: a file cannot be read.
+        ssl.SSLError: not a certificate/key pair OpenSSL takes, or a bad cipher list.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    if ciphers:
+        ctx.set_ciphers(ciphers)
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
 
 
 def _read_pem(path: str, where: str | None) -> str:
@@ -485,6 +509,19 @@ def _build(
             "any site make credentialed requests); list the allowed origins instead",
             where,
         )
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        name = "tls_key" if values["tls_cert"] else "tls_cert"
+        raise _fail(name, "tls_cert and tls_key go together (TLS needs both)", origin[name] or origin["tls_cert"])
+    if values["tls_cert"]:
+        try:
+            tls_context(values["tls_cert"], values["tls_key"], values["tls_min_version"], values["tls_ciphers"])
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            name = "tls_ciphers" if values["tls_ciphers"] and "cipher" in str(exc).lower() else "tls_cert"
+            raise _fail(name, f"cannot use {values['tls_cert']!r} and {values['tls_key']!r}: {exc}",
+                        origin[name] or origin["tls_cert"]) from None
+    if values["proxy_protocol"] and not values["trusted_proxies"]:
+        raise _fail("proxy_protocol", "proxy_protocol = true takes headers only from trusted_proxies, which is "
+                    "empty: no connection could be served", origin["proxy_protocol"])
     # An IPv4-mapped entry (::ffff:10.0.0.0/104) means the IPv4 network; stored as such so
     # check-config shows what is matched.
     for name in ("ip_allow", "ip_deny", "trusted_proxies"):

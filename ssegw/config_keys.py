@@ -377,7 +377,15 @@ _KEYS: tuple[_Key, ...] = (
     _Key("conn_burst", "int", "burst for conn_rate", _at_least(1)),
     _Key("ip_allow", "list", "client networks allowed (empty = all)", item=_network),
     _Key("ip_deny", "list", "client networks denied (wins over ip_allow)", item=_network),
-    _Key("trusted_proxies", "list", "proxies whose X-Forwarded-For is trusted", item=_network),
+    _Key("trusted_proxies", "list", "proxies whose X-Forwarded-For (and PROXY protocol header) is trusted", item=_network),
+    _Key("proxy_protocol", "bool", "every public connection starts with a PROXY protocol v1 or v2 header, "
+         "taken only from trusted_proxies peers (others are closed)"),
+    _Key("tls_cert", "str", "PEM file with the public listener's certificate chain (TLS on when set; "
+         "reloaded on SIGHUP)"),
+    _Key("tls_key", "str", "PEM file with the private key of tls_cert"),
+    _Key("tls_min_version", "choice", "oldest TLS version served: 1.2 or 1.3", choices=("1.2", "1.3")),
+    _Key("tls_ciphers", "str", "OpenSSL cipher list for TLS 1.2 (empty = Python's default; TLS 1.3 suites are "
+         "OpenSSL's)"),
     _Key("cors_origins", "list", "allowed CORS origins ('*' or https://host)", item=_origin),
     _Key("cors_credentials", "bool", "send Access-Control-Allow-Credentials"),
     _Key(

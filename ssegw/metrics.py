@@ -130,7 +130,7 @@ AUTH_REASONS = ("missing", "malformed", "bad_signature", "bad_key", "algorithm",
                 "bad_claims", "topic_denied", "publish_denied", "not_loopback", "other")
 #: Why admission or the protocol guards refused a connection or request.
 REFUSED_REASONS = ("capacity", "descriptors", "rate", "per_ip", "ip_denied", "draining", "head_timeout",
-                   "bad_request", "too_large", "other")
+                   "bad_request", "too_large", "proxy_untrusted", "proxy_header", "tls_handshake", "other")
 #: Why an upstream stream failed or ended (server/upstream_client.py FAILURE_REASONS).
 UPSTREAM_FAILURE_REASONS = ("connect", "status", "content_type", "stall", "malformed", "too_large", "closed")
 #: Which broker operation failed.

@@ -91,7 +91,7 @@ def parse_message(obj: object, dumps: Callable[[object], bytes], where: str = "m
 
 
 #: Newline-terminated topic names, one after another (topics.py's name rule, per line).
-_TOPIC_LINES = re.compile(r"(?:%s{1,%d}\n)*\Z" % (TOPIC_CHAR, MAX_TOPIC_LEN))
+_TOPIC_LINES = re.compile(rf"(?:{TOPIC_CHAR}{{1,{MAX_TOPIC_LEN}}}\n)*\Z")
 
 
 def _plain_batch(obj: list, dumps: Callable[[object], bytes]) -> list[Message] | None:

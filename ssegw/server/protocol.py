@@ -231,10 +231,11 @@ class HTTPProtocol(Conn, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # create_server / create_unix_server hand a stream protocol a full Transport.
         self.transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        # One string per client address, not one per connection (~60 B each; many streams
-        # share an address behind NAT or a proxy).  Addresses are a bounded set.
-        self.ip = sys.intern(peer[0]) if peer else ""
+        if not self.ip:  # else the client a PROXY protocol header named (acceptor.py)
+            peer = transport.get_extra_info("peername")
+            # One string per client address, not one per connection (~60 B each; many streams
+            # share an address behind NAT or a proxy).  Addresses are a bounded set.
+            self.ip = sys.intern(peer[0]) if peer else ""
         self.t0 = time.monotonic()
         self.w.on_connect(self)
 

@@ -30,7 +30,7 @@ from typing import cast
 
 from .. import logs
 from ..broker.base import Broker
-from ..config import Config
+from ..config import Config, tls_context
 from ..core.conn import (
     CLOSED,
     DROP_BUFFER,
@@ -45,8 +45,9 @@ from ..core.conn import (
 from ..core.history import Event
 from ..core.sse import HEARTBEAT, encode_retry
 from ..core.wheel import Timer, TimerWheel
+from ..policy.limits import in_networks
 from . import handlers
-from .acceptor import Acceptor
+from .acceptor import Acceptor, ProxyPolicy
 from .context import T_DRAIN, T_EXPIRE, T_LIFETIME, TICK_MS, Context
 from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol, Request
 from .sockets import bind_socket, descriptor_budget
@@ -149,9 +150,15 @@ class Worker(Context):
         if 0 < cfg.max_connections and self.fd_capacity < cfg.max_connections:
             log.warning("max_connections is %d but the open-files limit (%d) leaves room for %d public "
                         "connections in this worker", cfg.max_connections, nofile, self.fd_capacity)
+        tls = tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_min_version, cfg.tls_ciphers) if cfg.tls_cert else None
+        proxy = None
+        if cfg.proxy_protocol:
+            trusted = cfg.trusted_proxies
+            proxy = ProxyPolicy(lambda ip: in_networks(ip, trusted), cfg.head_timeout, self.count_refused)
         for s in public_socks:
             self.flow.socket_options(s, self.hb_ms)  # inherited by every accepted socket
-            acc = Acceptor(loop, s, lambda: HTTPProtocol(self, False))
+            acc = Acceptor(loop, s, self._public_protocol, tls=tls, tls_timeout=cfg.head_timeout,
+                           tls_failed=lambda: self.count_refused("tls_handshake"), proxy=proxy)
             acc.start()
             self.acceptors.append(acc)
         if control_path is not None:
@@ -166,6 +173,13 @@ class Worker(Context):
         logs.buffer_lines(True)  # the tick writes them out (logs.flush)
         if self.extra_startup is not None:
             self.extra_startup(self)
+
+    def _public_protocol(self, client: str | None) -> HTTPProtocol:
+        """A public connection's protocol; ``client``: the address a PROXY header named."""
+        p = HTTPProtocol(self, False)
+        if client is not None:
+            p.ip = client
+        return p
 
     def bound_ports(self) -> tuple[int, int]:
         pub = self.acceptors[0].sock.getsockname()[1] if self.acceptors else 0
