@@ -1,4 +1,4 @@
-"""Command line: ``ssegw serve``, ``ssegw check-config`` and ``ssegw print-systemd``.
+"""Command line: ``ssegw serve``, ``ssegw check-config``, ``ssegw print-systemd`` and ``ssegw print-proxy``.
 
 This is the one place that wires things together: it turns argv, the environment and the
 config file into a :class:`~ssegw.config.Config`, chooses the broker and starts a worker --
@@ -44,7 +44,7 @@ from .broker.base import Broker
 from .broker.memory import MemoryBroker
 from .config import Config, ConfigError, add_arguments, load, load_file, render
 from .notify import Notifier, keep_alive, report_status
-from .packaged import FILES, print_systemd
+from .packaged import FILES, PROXIES, print_proxy, print_systemd
 
 if TYPE_CHECKING:
     from .core.history import Event
@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     units = sub.add_parser("print-systemd", help="print the systemd unit, sysctl drop-in or example config")
     units.add_argument("what", choices=list(FILES), help="unit: ssegw.service, sysctl: 99-ssegw.conf, "
                        "config: ssegw.toml.example (README \"Running under systemd\")")
+    proxies = sub.add_parser("print-proxy", help="print a tested nginx, HAProxy or Caddy front-end recipe")
+    proxies.add_argument("which", choices=list(PROXIES), help="nginx: HTTP/2 + TLS, X-Forwarded-For; "
+                         "haproxy: HTTP/2 + TLS, PROXY protocol v2; haproxy-xff: the same with "
+                         "X-Forwarded-For; caddy: automatic HTTPS (README \"Deploying behind a proxy\")")
     return parser
 
 
@@ -502,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "print-systemd":
         sys.stdout.write(print_systemd(args.what))
+        return 0
+    if args.command == "print-proxy":
+        sys.stdout.write(print_proxy(args.which))
         return 0
     # Text until the configuration is read (it may warn about unknown SSEGW_* variables),
     # then its log_format and log_level -- again on every reload.

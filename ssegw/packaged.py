@@ -1,10 +1,12 @@
-"""The files shipped for running ssegw as a systemd service, as ``ssegw print-systemd`` prints them.
+"""The files shipped for running ssegw as a systemd service and behind a proxy, as ``ssegw
+print-systemd`` and ``ssegw print-proxy`` print them.
 
-Strategy: one source of truth.  The canonical files live in the repository's ``systemd/``
-directory (where the README points); ``ssegw/data/`` holds symlinks to them, which building a
-wheel turns into copies, so an installed gateway can print exactly the unit, sysctl drop-in and
-example config it was released with -- an operator installing from a wheel has no checkout.
-``tests/test_systemd_unit.py`` checks that what this module returns is the repository's text.
+Strategy: one source of truth.  The canonical files live in the repository's ``systemd/`` and
+``deploy/proxy/`` directories (where the README points); ``ssegw/data/`` holds symlinks to them,
+which building a wheel turns into copies, so an installed gateway can print exactly the unit,
+sysctl drop-in, example config and front-end recipes it was released with -- an operator
+installing from a wheel has no checkout.  ``tests/test_systemd_unit.py`` and
+``tests/test_frontends.py`` check that what this module returns is the repository's text.
 
 No I/O beyond reading package data, no logging: the caller writes the text where it wants.
 """
@@ -38,4 +40,34 @@ def print_systemd(what: str) -> str:
         name, _ = FILES[what]
     except KeyError:
         raise ValueError(f"print-systemd: expected one of {', '.join(FILES)}, got {what!r}") from None
+    return (resources.files("ssegw") / "data" / name).read_text(encoding="utf-8")
+
+
+#: Front-end recipes: name -> (file in ssegw/data, where the recipe's header installs it).
+PROXIES: dict[str, tuple[str, str]] = {
+    "nginx": ("nginx.conf", "/etc/nginx/conf.d/ssegw.conf"),
+    "haproxy": ("haproxy.cfg", "/etc/haproxy/ssegw.cfg"),
+    "haproxy-xff": ("haproxy-xff.cfg", "/etc/haproxy/ssegw.cfg"),
+    "caddy": ("Caddyfile", "/etc/caddy/Caddyfile"),
+}
+
+
+def print_proxy(which: str) -> str:
+    """The text of one shipped front-end recipe, for ``ssegw print-proxy WHICH``.
+
+    Args:
+        which: ``"nginx"`` (HTTP/2 + TLS, X-Forwarded-For), ``"haproxy"`` (HTTP/2 + TLS, PROXY
+            protocol v2), ``"haproxy-xff"`` (the same with X-Forwarded-For) or ``"caddy"``.
+
+    Returns:
+        The recipe's text, unchanged (its names and paths are examples: sse.example.com,
+        127.0.0.1:8080, certificates under /etc).
+
+    Raises:
+        ValueError: ``which`` is none of those; the message lists them.
+    """
+    try:
+        name, _ = PROXIES[which]
+    except KeyError:
+        raise ValueError(f"print-proxy: expected one of {', '.join(PROXIES)}, got {which!r}") from None
     return (resources.files("ssegw") / "data" / name).read_text(encoding="utf-8")
