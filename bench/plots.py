@@ -39,9 +39,18 @@ def _lat(w: dict[str, Any], key: str) -> float | None:
     return float(v) if v is not None else None
 
 
-def _footer(fig: Any, doc: dict[str, Any]) -> None:
+def measured_commit(doc: dict[str, Any]) -> str:
+    """The commit whose ssegw the run measured (its snapshot, or the working tree's HEAD,
+    marked "+dirty" when ssegw/ had uncommitted changes)."""
+    sc = doc.get("server_code") or {}
+    if sc.get("commit"):
+        return str(sc["commit"])
     code = doc.get("code", {})
-    commit = code.get("head", "?") + ("+dirty" if code.get("ssegw_dirty") else "")
+    return str(code.get("head", "?")) + ("+dirty" if code.get("ssegw_dirty") else "")
+
+
+def _footer(fig: Any, doc: dict[str, Any]) -> None:
+    commit = measured_commit(doc)
     fig.text(0.01, 0.005, f"{doc.get('command', '')} · commit {commit} · {doc.get('at', '')[:16]} · "
              f"{doc.get('machine', {}).get('cpus', '?')} cores", fontsize=7, color="0.4")
 

@@ -30,10 +30,11 @@ def headline(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for r in doc.get("runs", []):
         h = out.setdefault(r["target"], {})
         ws = _windows(r)
+        h["foreign_max"] = max([h.get("foreign_max", 0.0)] + [w["cpu"]["foreign_pct"] for w in ws if "cpu" in w])
         if r["group"] == "rates":
             good = [w for w in ws if w.get("verdict") == "ok"]
-            at100 = next((w for w in ws if w["rate"] == 100), None)
-            h["p99_at_100"] = (at100 or {}).get("latency", {}).get("p99_ms")
+            for w in ws:
+                h[f"p99_at_{w['rate']:g}"] = w["latency"].get("p99_ms")
             h["best_rate"] = max((w["rate"] for w in good), default=None)
             h["best_delivered"] = max((w["delivered_per_s"] for w in good), default=None)
         elif r["group"] == "subs" and ws:
@@ -52,56 +53,79 @@ def headline(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-ROWS = [("p99 latency, 1,000 subscribers × 100 msg/s (ms)", "p99_at_100", "lower"),
-        ("highest passing rate, 1,000 subscribers (msg/s)", "best_rate", "higher"),
-        ("delivered events/s at that rate", "best_delivered", "higher"),
-        ("delivered events/s, largest subscriber count at 100 msg/s", "subs_delivered", "higher"),
-        ("p99 there (ms)", "subs_p99", "lower"),
-        ("server RSS per open stream (KiB)", "rss_per_stream_kib", "lower"),
-        ("directed p99, 1,000 per-user topics (ms)", "directed_p99", "lower"),
-        ("worst p99 in a 0.5 s interval of the storm (ms)", "storm_p99_max", "lower")]
+def rows(doc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, key) of the headline rows, labelled with the sizes the run used."""
+    def first(group: str) -> dict[str, Any]:
+        return next((r for r in doc.get("runs", []) if r["group"] == group and r["target"] == "ssegw"), {})
+
+    rates, subs = first("rates"), [r for r in doc.get("runs", []) if r["group"] == "subs"]
+    out = [(f"p99 latency (ms), {rates.get('users', 0):,} subscribers × {w['rate']:g} msg/s", f"p99_at_{w['rate']:g}")
+           for w in _windows(rates)]
+    out += [(f"highest passing rate, {rates.get('users', 0):,} subscribers (msg/s)", "best_rate"),
+            ("delivered events/s at that rate", "best_delivered")]
+    if subs:
+        out += [(f"delivered events/s, {max(r['users'] for r in subs):,} subscribers × {subs[0]['rate']:g} msg/s",
+                 "subs_delivered"), ("p99 there (ms)", "subs_p99"),
+                ("server RSS per open stream there (KiB)", "rss_per_stream_kib")]
+    out += [(f"directed p99, {first('directed').get('users', 0):,} per-user topics (ms)", "directed_p99"),
+            ("worst p99 of a 0.5 s interval through the storm (ms)", "storm_p99_max"),
+            ("most CPU other processes took in a window (%)", "foreign_max")]
+    return out
 
 
 def write(out: Path, doc: dict[str, Any], pngs: list[Path]) -> Path:
     code = doc.get("code", {})
-    commit = code.get("head", "?") + (" (with uncommitted changes under ssegw/)" if code.get("ssegw_dirty") else "")
+    sc = doc.get("server_code") or {}
+    if sc.get("commit"):
+        commit = f"{sc['commit']} (servers run from a git archive of it), ssegw sources hash `{sc.get('ssegw_sha256')}`"
+    else:
+        commit = (f"{code.get('head', '?')}{' with uncommitted changes under ssegw/' if code.get('ssegw_dirty') else ''}"
+                  f" (working tree), ssegw sources hash `{code.get('ssegw_sha256')}`")
     lines = [f"# `{doc.get('suite')}` run of {doc.get('at', '')[:16]}", "",
              f"- command: `{doc.get('command')}` (from the repository root)",
-             f"- commit: `{commit}`, ssegw sources hash `{code.get('ssegw_sha256')}`",
+             f"- ssegw measured: commit {commit}; bench code at `{code.get('head')}`",
              f"- machine: {doc.get('machine', {}).get('cpus')} cores, Python {doc.get('machine', {}).get('python')}, "
-             f"load average before {doc.get('machine', {}).get('load_avg')}; server on core 0, clients on core 1",
+             f"load average before {[round(x, 2) for x in doc.get('machine', {}).get('load_avg', [])]}; "
+             "server on core 0, clients on core 1",
              f"- took {doc.get('elapsed_s')} s; failed: {len(doc.get('failed', []))}", ""]
     for f in doc.get("failed", []):
         lines.append(f"  - {f}")
+    if doc.get("failed"):
+        lines.append("")
     h = headline(doc)
     targets = [t for t in ("ssegw", "sse-starlette", "aiohttp-sse") if t in h]
     if len(targets) > 1:
         lines += ["## Headline: each baseline against ssegw, same run", "",
                   "| figure | " + " | ".join(targets) + " | " + " | ".join(f"{t} / ssegw" for t in targets[1:]) + " |",
                   "|---|" + "---:|" * (2 * len(targets) - 1)]
-        for label, key, _better in ROWS:
+        for label, key in rows(doc):
             vals = [h[t].get(key) for t in targets]
             base = vals[0]
             ratios = [f"{v / base:.2f}×" if isinstance(v, (int, float)) and isinstance(base, (int, float)) and base
-                      else "–" for v in vals[1:]]
+                      and key != "foreign_max" else "–" for v in vals[1:]]
             lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in vals) + " | " + " | ".join(ratios) + " |")
-        lines += ["", "A baseline's rate sweep stops at the first rate it fails (loss, p99 > 2 s or a backlog); "
-                  "'–' where it never passed.", ""]
+        lines += ["", "Ratios are baseline / ssegw: above 1 means the baseline's figure is larger (worse for "
+                  "latency and memory, better for events/s).  A rate sweep stops after the first rate that "
+                  "fails the verdict (loss, p99 > 2 s, backlog, publisher short of its rate): '–' where a "
+                  "target never ran that rate or never passed one.  Windows in which other processes took "
+                  "more than 20 % CPU were measured again once; the least disturbed attempt is kept (last "
+                  "column of the table below).", ""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs] + [""]
     lines += ["## Every window", "",
               "| group | scenario | target | users | msg/s | delivered/s | lost | gaps/dups | p50 ms | p99 ms | "
-              "server CPU % | verdict |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "server CPU % | others' CPU % | verdict |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in doc.get("runs", []):
         if "error" in r:
             lines.append(f"| {r['group']} | {r['scenario']} | {r['target']} | {r['users']} | {_fmt(r['rate'])} | "
-                         f"| | | | | | error: {r['error'][:80]} |")
+                         f"| | | | | | | error: {r['error'][:80]} |")
         for w in _windows(r):
             lat = w.get("latency", {})
             cpu = w.get("cpu", {}).get("proc_pct", {}).get("server")
+            foreign = w.get("cpu", {}).get("foreign_pct")
             v = w.get("verdict")
             lines.append(f"| {r['group']} | {r['scenario']} | {r['target']} | {r['users']} | {_fmt(w['rate'])} | "
                          f"{_fmt(w['delivered_per_s'])} | {_fmt(w['lost_events'])} | {w['seq_gaps']}/{w['seq_dups']} | "
-                         f"{_fmt(lat.get('p50_ms'))} | {_fmt(lat.get('p99_ms'))} | {_fmt(cpu)} | "
+                         f"{_fmt(lat.get('p50_ms'))} | {_fmt(lat.get('p99_ms'))} | {_fmt(cpu)} | {_fmt(foreign)} | "
                          f"{v if v == 'ok' else '; '.join(v)} |")
     loc = doc.get("locust")
     if loc:

@@ -70,6 +70,8 @@ def run_locust(out: Path, users: int, seconds: int, extra: list[str] | None = No
     """bench/locustfile.py headless against a fresh ssegw (core 0); Locust on core 1."""
     srv = Server(run.SERVER_CORE, [], out / "server-locust.log").start()
     prefix = out / "locust"
+    if prefix.is_relative_to(BENCH.parent):  # the command line in the report: no machine paths
+        prefix = prefix.relative_to(BENCH.parent)
     args = ["-f", "bench/locustfile.py", "--headless", "-u", str(users), "-r", str(users), "-t", f"{seconds}s",
             "--host", f"http://127.0.0.1:{srv.port}", "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING",
             "--exit-code-on-error", "1", *(extra or [])]
@@ -84,8 +86,8 @@ def run_locust(out: Path, users: int, seconds: int, extra: list[str] | None = No
     finally:
         srv.stop()
     res: dict[str, object] = {"users": users, "seconds": seconds, "exit_code": code, "args": args,
-                              "elapsed_s": round(time.monotonic() - t0, 1), "stats": read_csv(f"{prefix}_stats.csv"),
-                              "failures": read_csv(f"{prefix}_failures.csv")}
+                              "elapsed_s": round(time.monotonic() - t0, 1), "stats": read_csv(BENCH.parent / f"{prefix}_stats.csv"),
+                              "failures": read_csv(BENCH.parent / f"{prefix}_failures.csv")}
     sse = [r for r in res["stats"] if r.get("Type") == "SSE"]  # type: ignore[attr-defined]
     events = sum(int(r["Request Count"]) for r in sse)
     bad = sum(int(r["Failure Count"]) for r in sse)
@@ -103,7 +105,7 @@ def run_locust(out: Path, users: int, seconds: int, extra: list[str] | None = No
     return res
 
 
-def read_csv(path: str) -> list[dict[str, str]]:
+def read_csv(path: Path) -> list[dict[str, str]]:
     try:
         with open(path, newline="") as f:
             return list(csv.DictReader(f))
@@ -150,8 +152,11 @@ def main(args: argparse.Namespace) -> int:
         plan = standard_plan(targets)
     else:
         plan = smoke_plan(targets, args.inject_gap)
+    from scale import use_code  # a git-archive snapshot of --code for every server of the run
+
     doc: dict[str, object] = {"suite": args.cmd, "command": "python -m bench " + " ".join(sys.argv[1:]),
-                              "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": code_version(), "machine": machine()}
+                              "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "code": code_version(),
+                              "server_code": use_code(args.code), "machine": machine()}
     doc["runs"] = uvloop.run(run_plan(plan))
     if not args.no_locust:
         extra = ["--ssegw-inject-gap"] if getattr(args, "inject_gap", False) else []
@@ -182,6 +187,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         p.add_argument("--out", help="result directory (default bench/results/<date>/, smoke-<date>/ for smoke)")
         p.add_argument("--targets", nargs="+", choices=ALL, default=list(ALL), help="servers to measure")
         p.add_argument("--no-locust", action="store_true", help="leave out the Locust run")
+        p.add_argument("--code", default="HEAD" if name == "standard" else "worktree",
+                       help="the ssegw measured: a commit (run from a git-archive snapshot, so that uncommitted "
+                            "changes in the working tree are not measured) or 'worktree'")
         if name == "smoke":
             p.add_argument("--inject-gap", action="store_true",
                            help="self-check: make the ticker scenario and Locust's publisher skip one event "
