@@ -87,3 +87,32 @@ def _cluster(g1, g2, s1, s2, upstream: Upstream, redis_server) -> None:  # noqa:
     assert upstream.wait_open(0, timeout=6)
     assert wait_until(lambda: holding(other) == 0.0, timeout=3)
     assert b"lease:upstream:up.x" not in redis_server.command("KEYS", "*lease:upstream:*")
+
+
+def test_down_and_up_reach_subscribers_of_every_gateway(gateway, redis_server, upstream) -> None:
+    """Only the holder talks to the upstream; the other gateway's subscribers learn its status
+    from the lease's note (within a renewal)."""
+    import json
+
+    upstream.status = 503
+    g1 = gateway(config=config(upstream, redis_server.url))
+    g2 = gateway(config=config(upstream, redis_server.url))
+    for g in (g1, g2):
+        assert wait_until(lambda g=g: g.request("GET", "/readyz", admin=True).status == 200, timeout=10)
+    s1 = g1.stream("/events?topic=up.st")
+    s2 = g2.stream("/events?topic=up.st")
+    try:
+        def states(s) -> list[str]:  # noqa: ANN001
+            return [json.loads(e.data)["status"] for e in s.events if e.event == "ssegw.upstream"]
+
+        for s in (s1, s2):
+            assert s.wait_for(lambda x: states(x) == ["down"], timeout=8), states(s)
+        assert "503" in json.loads(s2.events[0].data)["detail"] or "503" in json.loads(s1.events[0].data)["detail"]
+        upstream.status = 200
+        for s in (s1, s2):
+            assert s.wait_for(lambda x: states(x) == ["down", "up"], timeout=15), states(s)
+        assert upstream.wait_open(1)
+        assert sorted([holding(g1), holding(g2)]) == [0.0, 1.0]
+    finally:
+        s1.close()
+        s2.close()
