@@ -99,3 +99,24 @@ def test_gateway_auth_applies_before_the_upstream_is_asked(gateway, upstream) ->
         assert s.status == 200
         assert upstream.wait_requests(1)
         assert upstream.requests[0][1]["authorization"] == f"Bearer {token}"
+
+
+def test_a_client_that_does_not_read_is_dropped_and_its_upstream_closed(gateway, upstream) -> None:
+    import socket
+
+    g = gateway(config='max_buffer = "64KiB"\n' + config(upstream))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", g.port))
+    try:
+        sock.sendall(b"GET /stream/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert upstream.wait_open(1)
+        line = "x" * 900
+        for i in range(3000):  # ~3 MB the client never reads
+            upstream.event(line, id=str(i))
+        assert upstream.wait_open(0, timeout=10), "the slow client's upstream request was not closed"
+        m = g.metrics()
+        assert m['ssegw_slow_consumer_closed_total{reason="buffer"}'] >= 1
+        assert m["ssegw_upstream_proxied_streams"] == 0
+    finally:
+        sock.close()
