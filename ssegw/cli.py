@@ -81,6 +81,16 @@ def _history_settings(current: Callable[[], Config]) -> Callable[[str], tuple[in
     return settings
 
 
+def _keyed_settings(current: Callable[[], Config]) -> Callable[[str], tuple[int, bool]]:
+    """topic -> (max_keys, compact a resume whenever that is shorter: slow_consumer conflate)."""
+
+    def keyed(topic: str) -> tuple[int, bool]:
+        cfg = current()
+        return cfg.topic_max_keys(topic), cfg.topic_settings(topic)[0] == "conflate"
+
+    return keyed
+
+
 def make_broker(cfg: Config) -> Broker:
     settings = _history_settings(lambda: cfg)
     if cfg.redis:
@@ -89,7 +99,7 @@ def make_broker(cfg: Config) -> Broker:
         max_ttl = max([cfg.history_ttl] + [r.history_ttl for r in cfg.topics if r.history_ttl is not None])
         return RedisBroker(cfg.redis, settings, int(max_ttl * 1000),
                            wait_replicas=cfg.redis_wait_replicas, wait_timeout=cfg.redis_wait_timeout)
-    return MemoryBroker(settings, _wall_ms)
+    return MemoryBroker(settings, _wall_ms, _keyed_settings(lambda: cfg))
 
 
 def _wall_ms() -> int:
@@ -326,7 +336,8 @@ class Generations:
             return make_broker(cfg)
         if self.shared is None:
             # History settings follow the current configuration, reloads included.
-            self.shared = MemoryBroker(_history_settings(lambda: self.cfg), _wall_ms)
+            self.shared = MemoryBroker(_history_settings(lambda: self.cfg), _wall_ms,
+                                       _keyed_settings(lambda: self.cfg))
         return _Lease(self.shared, self.sinks)  # type: ignore[return-value]
 
     def _deliver(self, events: list[Event]) -> None:

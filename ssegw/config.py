@@ -91,11 +91,12 @@ class TopicRule:
     slow_consumer: str | None = None
     history_size: int | None = None
     history_ttl: float | None = None
+    max_keys: int | None = None
 
     # Pattern has identity equality; compare rules by the pattern's text instead so two loads
     # of the same file give equal Configs (useful to detect "nothing changed" on reload).
     def _ident(self) -> tuple[object, ...]:
-        return (self.pattern.source, self.slow_consumer, self.history_size, self.history_ttl)
+        return (self.pattern.source, self.slow_consumer, self.history_size, self.history_ttl, self.max_keys)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TopicRule):
@@ -205,6 +206,7 @@ class Config:
     worker_timeout: float = 30.0
     history_size: int = 1000
     history_ttl: float = 3600.0
+    max_keys: int = 10_000
     backlog: int = 4096
     max_connections: int = 100000
     max_conns_per_ip: int = 0
@@ -255,6 +257,14 @@ class Config:
                     self.history_ttl if rule.history_ttl is None else rule.history_ttl,
                 )
         return (self.slow_consumer, self.history_size, self.history_ttl)
+
+    def topic_max_keys(self, topic: str) -> int:
+        """``max_keys`` for ``topic``: the first matching ``[[topics]]`` rule's override, else
+        the top-level value (as :meth:`topic_settings`)."""
+        for rule in self.topics:
+            if rule.pattern.matches(topic):
+                return self.max_keys if rule.max_keys is None else rule.max_keys
+        return self.max_keys
 
 
 _ENV_NAMES = {k.env for k in _KEYS} | {_ENV_CONFIG}
@@ -363,7 +373,7 @@ def _topic_rules(raw: object) -> tuple[TopicRule, ...]:
                 label, f"{label}: {{sub}} only makes sense in token claims, not in [[topics]]"
             )
         overrides: dict[str, Any] = {}
-        for name in ("slow_consumer", "history_size", "history_ttl"):
+        for name in ("slow_consumer", "history_size", "history_ttl", "max_keys"):
             if name in entry:
                 overrides[name] = _value(_TOP[name], entry[name], False, None, f"{prefix}.{name}")
         rules.append(TopicRule(pattern=pattern, **overrides))
@@ -657,7 +667,7 @@ def render(config: Config) -> str:
         lines.append(f"{key.short} = {_render_value(key, value)}")
     for rule in config.topics:
         lines += ["", "[[topics]]", f"pattern = {_toml_str(rule.pattern.source)}"]
-        for name in ("slow_consumer", "history_size", "history_ttl"):
+        for name in ("slow_consumer", "history_size", "history_ttl", "max_keys"):
             value = getattr(rule, name)
             if value is not None:
                 lines.append(f"{name} = {_render_value(_TOP[name], value)}")

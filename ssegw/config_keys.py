@@ -369,6 +369,8 @@ _KEYS: tuple[_Key, ...] = (
     ),
     _Key("history_size", "int", "events kept per topic", _at_least(0)),
     _Key("history_ttl", "duration", "max age of kept events (0 = no age limit)"),
+    _Key("max_keys", "int", "keys whose newest event is kept per topic for since=snapshot and compacted "
+         "resumes; the least recently updated is evicted first (0 = none)", _at_least(0)),
     _Key("backlog", "int", "listen() backlog of the public listener; the kernel caps it at net.core.somaxconn "
          "(the shipped sysctl drop-in sets 8192)", _at_least(1)),
     _Key("max_connections", "int", "open public connections per host (idle, mid-request, keep-alive, streaming), split evenly over the workers (0 = unlimited)", _at_least(0)),
@@ -422,7 +424,7 @@ _KEYS: tuple[_Key, ...] = (
 
 _TOP = {k.name: k for k in _KEYS if "." not in k.name}
 _AUTH = {k.short: k for k in _KEYS if k.name.startswith("auth.")}
-_TOPIC_KEYS = ("pattern", "slow_consumer", "history_size", "history_ttl")
+_TOPIC_KEYS = ("pattern", "slow_consumer", "history_size", "history_ttl", "max_keys")
 
 
 # --------------------------------------------------------------------------------------------

@@ -88,6 +88,8 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("ssegw_socket_writes", "counter", "transport.write calls made by flushes.", "writes"),
     ("ssegw_heartbeats_sent", "counter", "Heartbeat comments sent on silent streams.", "heartbeats"),
     ("ssegw_resets_sent", "counter", "ssegw.reset events sent (history gap not covered).", "resets"),
+    ("ssegw_compacted_sent", "counter", "ssegw.compacted events sent (resumes replayed as changed keys).",
+     "compacted"),
     ("ssegw_events_held", "counter", "Events held for a paused (slow) connection.", "held"),
     ("ssegw_events_conflated", "counter", "Held events replaced by a newer one with the same key.", "conflated"),
     ("ssegw_publish_requests", "counter", "Successful /publish requests.", "publish_requests"),
@@ -135,6 +137,8 @@ REFUSED_REASONS = ("capacity", "descriptors", "rate", "per_ip", "ip_denied", "dr
 UPSTREAM_FAILURE_REASONS = ("connect", "status", "content_type", "stall", "malformed", "too_large", "closed")
 #: Which broker operation failed.
 BROKER_ERROR_KINDS = ("publish", "replay", "reconnect", "gap_lost", "other")
+#: Why a key's newest event left a topic's keyed state (max_keys, or history_ttl).
+KEYED_EVICTION_REASONS = ("max_keys", "ttl")
 
 # (name, help, label, snapshot key, fixed label values or None for open-ended-but-bounded
 # values such as HTTP status codes).  A fixed set is always emitted in full (zeros
@@ -151,6 +155,8 @@ LABELLED: tuple[tuple[str, str, str, str, tuple[str, ...] | None], ...] = (
      BROKER_ERROR_KINDS),
     ("ssegw_upstream_failures", "Upstream stream attempts or streams that failed or ended, by reason.", "reason",
      "upstream_failures", UPSTREAM_FAILURE_REASONS),
+    ("ssegw_keyed_evictions", "Keys dropped from a topic's keyed state (since=snapshot, compacted resumes), "
+     "by reason.", "reason", "keyed_evictions", KEYED_EVICTION_REASONS),
 )
 
 # (name, help, snapshot key, bucket upper bounds).

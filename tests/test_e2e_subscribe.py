@@ -75,8 +75,9 @@ def by_topic(evs: list[Ev], data_topic: dict[str, str]) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def gw_hist3() -> Iterator[Gateway]:
-    """A gateway keeping only 3 events per topic."""
-    g = Gateway("--history-size", "3", "--heartbeat-interval", "1s", "--flush-interval", "10ms")
+    """A gateway keeping only 3 events per topic, and no keyed state (so that what history
+    misses is reset, not compacted: tests/test_keyed_e2e.py has the compacted resumes)."""
+    g = Gateway("--history-size", "3", "--max-keys", "0", "--heartbeat-interval", "1s", "--flush-interval", "10ms")
     g.start()
     yield g
     g.stop()

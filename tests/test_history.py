@@ -267,9 +267,12 @@ def msg(topic: str, data: object = "x", key: str | None = None):
     return parse_message(obj, orjson.dumps)
 
 
-def make_broker(size: int = 100, ttl_ms: int = 0) -> tuple[MemoryBroker, Clock, list[list[Event]]]:
+def make_broker(size: int = 100, ttl_ms: int = 0,
+                max_keys: int = 10_000) -> tuple[MemoryBroker, Clock, list[list[Event]]]:
+    """max_keys=0: no keyed state, so coverage is history's alone (tests/test_keyed.py has
+    the compacted resumes keyed state gives)."""
     clock = Clock()
-    b = MemoryBroker(lambda topic: (size, ttl_ms), clock)
+    b = MemoryBroker(lambda topic: (size, ttl_ms), clock, lambda topic: (max_keys, False))
     delivered: list[list[Event]] = []
     asyncio.run(b.start(delivered.append))
     return b, clock, delivered
@@ -360,7 +363,7 @@ def test_last_event_id_wins_over_since() -> None:
 
 
 def test_reset_only_for_topics_history_no_longer_covers() -> None:
-    b, _, _ = make_broker(size=2)
+    b, _, _ = make_broker(size=2, max_keys=0)
     b.publish_now([msg("a"), msg("a"), msg("a"), msg("a"), msg("b")])  # a: 1..4 (keeps 3,4), b: 5
     r = b.replay_now(("a", "b"), after(b, 1), None)
     assert r.reset == ["a"]
@@ -427,7 +430,7 @@ def test_events_aged_out_since_the_last_sweep_are_a_reset_not_a_silent_gap() -> 
 def test_every_resume_point_replays_exactly_what_followed(
     size: int, batches: list[list[str]], subset: list[str]
 ) -> None:
-    b, _, _ = make_broker(size=size)
+    b, _, _ = make_broker(size=size, max_keys=0)
     published: list[tuple[int, str]] = []
     for batch in batches:
         ids = b.publish_now([msg(t) for t in batch])

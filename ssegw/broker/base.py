@@ -20,16 +20,21 @@ from ..core.publish import Message
 
 class Replay:
     """What a new stream gets before going live: events to replay (ascending by seq), the
-    topics whose gap history no longer covers (they get ``ssegw.reset``), and per replayed
+    topics whose gap history no longer covers (they get ``ssegw.reset``), per replayed
     topic the sequence up to which the replay is complete (live events at or under it are
-    duplicates of the replay and are skipped)."""
+    duplicates of the replay and are skipped), and the topics whose replay is compacted
+    (only the newest event of each key changed in the gap: ``ssegw.compacted``).
 
-    __slots__ = ("events", "reset", "floors")
+    ``events`` may be shared with other replays (a cached snapshot): never mutate it."""
 
-    def __init__(self, events: list[Event], reset: list[str], floors: dict[str, int] | None = None) -> None:
+    __slots__ = ("events", "reset", "floors", "compacted")
+
+    def __init__(self, events: list[Event], reset: list[str], floors: dict[str, int] | None = None,
+                 compacted: list[str] | None = None) -> None:
         self.events = events
         self.reset = reset
         self.floors = floors or {}
+        self.compacted = compacted or []
 
 
 class BrokerUnavailable(Exception):
@@ -46,6 +51,9 @@ class PublishUnresolved(Exception):
 class Broker(Protocol):
     #: A name for logs and /admin/stats ("memory", "redis").
     kind: str
+    #: Whether this broker keeps keyed state: ``since=snapshot`` and compacted resumes.  A
+    #: broker without it refuses ``since=snapshot`` (400) and resets what history misses.
+    keyed: bool
 
     async def start(self, deliver: Callable[[list[Event]], None],
                     on_gap: Callable[[list[str] | None], None] | None = None) -> None:
@@ -76,7 +84,8 @@ class Broker(Protocol):
         self, topics: tuple[str, ...], after: tuple[str, tuple[int, ...]] | None, since: str | None
     ) -> Replay:
         """Events of ``topics`` after the parsed id ``after`` (epoch, seqs); or, without an
-        id, the latest (``since="last"``) or all retained (``"earliest"``) events; or none."""
+        id, the latest (``since="last"``), all retained (``"earliest"``) or the newest of
+        each key (``"snapshot"``, brokers with :attr:`keyed`) events; or none."""
 
     def replay_now(
         self, topics: tuple[str, ...], after: tuple[str, tuple[int, ...]] | None, since: str | None

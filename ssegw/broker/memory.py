@@ -5,6 +5,10 @@ the next sequence number, appends to the topic's history and hands the events to
 worker's fan-out in the same loop turn -- so "accepted" and "on its way to every
 subscriber" are the same moment, and a publish can never half-succeed.
 
+Beside history it keeps each topic's keyed state (``core/keyed.py``) for ``since=snapshot``
+and compacted resumes; both are updated by the same synchronous publish, so they can never
+disagree with each other or with the sequence.
+
 The epoch is random per process start: ids issued before a restart cannot be placed (their
 history is gone), so clients presenting them get ``ssegw.reset`` instead of a silent gap.
 """
@@ -14,7 +18,8 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 
-from ..core.history import Event, HistoryStore
+from ..core.history import Event, HistoryStore, TopicHistory
+from ..core.keyed import DEFAULT_MAX_KEYS
 from ..core.publish import Message
 from .base import LocalLeases, Replay
 
@@ -25,17 +30,26 @@ def new_epoch() -> str:
     return "".join(secrets.choice(_ALPHABET) for _ in range(8))
 
 
+def _default_keyed(topic: str) -> tuple[int, bool]:
+    return DEFAULT_MAX_KEYS, False
+
+
 class MemoryBroker(LocalLeases):
     kind = "memory"
+    keyed = True
 
-    def __init__(self, settings: Callable[[str], tuple[int, int]], clock_ms: Callable[[], int]) -> None:
+    def __init__(self, settings: Callable[[str], tuple[int, int]], clock_ms: Callable[[], int],
+                 keyed: Callable[[str], tuple[int, bool]] = _default_keyed) -> None:
         """Args:
             settings: topic -> (history_size, history_ttl_ms).
             clock_ms: wall-clock milliseconds (history ages are wall-clock).
+            keyed: topic -> (max_keys, whether a resume is compacted whenever that sends
+                fewer events than history would: topics with ``slow_consumer = "conflate"``).
         """
         self.epoch = new_epoch()
         self.seq = 0
-        self.history = HistoryStore(settings)
+        self._keyed = keyed
+        self.history = HistoryStore(settings, max_keys=lambda t: keyed(t)[0])
         self._clock_ms = clock_ms
         self._deliver: Callable[[list[Event]], None] | None = None
         self.published = 0
@@ -95,18 +109,45 @@ class MemoryBroker(LocalLeases):
             if epoch != self.epoch or len(seqs) != 1 or seqs[0] > head:
                 # An id we cannot place: not covered for any topic (CONTRACT "Ids").
                 return Replay([], list(topics))
-            s = seqs[0]
-            reset = [t for t in topics if not store.covers(t, s)]
-            lists = [h.after(s, head) for t, h in hist.items() if h is not None and t not in reset]
-            floors = {t: head for t in topics if t not in reset}
-            return Replay(_merge(lists), reset, floors)
+            return self._resume(hist, seqs[0], head)
         floors = {t: head for t in topics}
         if since == "last":
             evs = [e for e in (h.last(head) for h in hist.values() if h is not None) if e is not None]
             evs.sort(key=_seq)
             return Replay(evs, [], floors)
+        if since == "snapshot":
+            lists = [h.keys.snapshot(head) for h in hist.values() if h is not None and h.keys is not None]
+            return Replay(_merge(lists), [], floors)
         lists = [h.all(head) for h in hist.values() if h is not None]
         return Replay(_merge(lists), [], floors)
+
+    def _resume(self, hist: dict[str, TopicHistory | None], s: int, head: int) -> Replay:
+        """A resume after seq ``s``, per topic: the history's events when it covers the gap
+        (unless the topic prefers compacting and that is shorter), else the keyed state's
+        changed keys when it covers the gap (``ssegw.compacted``), else ``ssegw.reset``."""
+        store = self.history
+        reset: list[str] = []
+        compacted: list[str] = []
+        lists: list[list[Event]] = []
+        for t, h in hist.items():
+            if store.covers(t, s):
+                if h is None:
+                    continue  # nothing published after s (the store forgot the topic's past)
+                evs = h.after(s, head)
+                keys = h.keys
+                if (len(evs) > 1 and keys is not None and self._keyed(t)[1] and keys.covers(s)
+                        and keys.count_changed_after(s, len(evs)) < len(evs)):
+                    compacted.append(t)
+                    evs = keys.changed_after(s, head)
+                lists.append(evs)
+            elif store.keyed_covers(t, s):
+                compacted.append(t)
+                if h is not None and h.keys is not None:
+                    lists.append(h.keys.changed_after(s, head))
+            else:
+                reset.append(t)
+        floors = {t: head for t in hist if t not in reset}
+        return Replay(_merge(lists), reset, floors, compacted)
 
     async def replay(
         self, topics: tuple[str, ...], after: tuple[str, tuple[int, ...]] | None, since: str | None
@@ -132,10 +173,14 @@ class MemoryBroker(LocalLeases):
             "seq": self.seq,
             "topics_with_history": len(self.history.topics),
             "topics_forgotten": self.history.evicted,
+            "keyed_evicted": self.history.keyed_counts[0],
+            "keyed_expired": self.history.keyed_counts[1],
         }
 
 
 def _merge(lists: list[list[Event]]) -> list[Event]:
+    if not lists:
+        return []
     if len(lists) == 1:
         return lists[0]
     out = [e for lst in lists for e in lst]

@@ -152,6 +152,9 @@ return 0
 
 class RedisBroker(Listener):
     kind = "redis"
+    # No keyed state yet: since=snapshot is refused (400) and a resume history no longer
+    # covers gets ssegw.reset, never a compacted replay.
+    keyed = False
 
     def __init__(self, url: str, settings: Callable[[str], tuple[int, int]], max_ttl_ms: int, *,
                  wait_replicas: int | None = None, wait_timeout: float = 1.0) -> None:

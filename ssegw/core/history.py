@@ -8,12 +8,19 @@ the caller sends ``ssegw.reset`` for the topic -- never a silent gap.
 A store drops the whole history of a topic that has emptied (by age) to keep memory bounded
 with millions of short-lived topics; it then raises ``forgotten_upto`` so that coverage for
 a topic it no longer knows stays conservative.
+
+Beside each topic's ring, a store made with ``max_keys`` keeps the topic's keyed state (the
+newest event of every key, ``core/keyed.py``), updated in the same call as the ring and
+trimmed by the same ``history_ttl``; a topic is forgotten only when both are empty.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from itertools import islice
+
+from .keyed import TopicKeys
 
 
 class Event:
@@ -42,7 +49,7 @@ class Event:
 
 
 class TopicHistory:
-    __slots__ = ("events", "trimmed_upto", "size", "ttl_ms", "touched")
+    __slots__ = ("events", "trimmed_upto", "size", "ttl_ms", "touched", "keys")
 
     def __init__(self, size: int, ttl_ms: int) -> None:
         self.events: deque[Event] = deque()
@@ -50,16 +57,21 @@ class TopicHistory:
         self.size = size
         self.ttl_ms = ttl_ms  # 0 = no age limit
         self.touched = 0  # HistoryStore's stamp of the last publish to it
+        self.keys: TopicKeys | None = None  # keyed state, when the store keeps it
 
     def append(self, ev: Event, now_ms: int) -> None:
         self.events.append(ev)
         while len(self.events) > self.size:
             self.trimmed_upto = self.events.popleft().seq
+        if self.keys is not None:
+            self.keys.put(ev)
         self.trim(now_ms)
 
     def trim(self, now_ms: int) -> None:
         if not self.ttl_ms:
             return
+        if self.keys is not None:
+            self.keys.trim(now_ms)
         horizon = now_ms - self.ttl_ms
         events = self.events
         while events and events[0].ts_ms < horizon:
@@ -95,9 +107,14 @@ class HistoryStore:
     """Histories of all topics of one shard, with per-topic bounds from a settings callback,
     and at most ``max_topics`` topics (the least recently published is forgotten first)."""
 
-    def __init__(self, settings: object, max_topics: int = MAX_HISTORY_TOPICS) -> None:
-        # settings(topic) -> (history_size, history_ttl_ms)
+    def __init__(self, settings: object, max_topics: int = MAX_HISTORY_TOPICS,
+                 max_keys: Callable[[str], int] | None = None) -> None:
+        # settings(topic) -> (history_size, history_ttl_ms); max_keys(topic) -> keys kept
+        # (None: no keyed state at all).
         self._settings = settings
+        self._max_keys = max_keys
+        # [evicted by max_keys, expired by ttl] over every topic, forgotten ones included.
+        self.keyed_counts = [0, 0]
         self.topics: dict[str, TopicHistory] = {}
         # The same topics, each with the stamp it had when it was put here, oldest first.  A
         # publish only stamps its topic (``touched``); the order is mended lazily, when the
@@ -123,6 +140,8 @@ class HistoryStore:
         size, ttl_ms = self._settings(topic)  # type: ignore[operator]
         h = self.topics[topic] = TopicHistory(size, ttl_ms)
         h.trimmed_upto = self.forgotten_upto
+        if self._max_keys is not None:
+            h.keys = TopicKeys(self._max_keys(topic), ttl_ms, self.forgotten_upto, self.keyed_counts)
         recent = self._recent
         if len(recent) >= self.max_topics:
             self._forget(self._least_recent())
@@ -154,6 +173,10 @@ class HistoryStore:
             q.append(ev)
             while len(q) > h.size:
                 h.trimmed_upto = q.popleft().seq
+            if h.keys is not None:
+                # Keyed entries are aged by trim() (replays, sweeps, an aged ring front):
+                # until then an expired entry only costs memory max_keys already bounds.
+                h.keys.put(ev)
             if h.ttl_ms and q and q[0].ts_ms < now_ms - h.ttl_ms:
                 h.trim(now_ms)
 
@@ -162,6 +185,8 @@ class HistoryStore:
         h = self.topics.pop(topic)
         del self._recent[topic]
         newest = h.events[-1].seq if h.events else h.trimmed_upto
+        if h.keys is not None:
+            newest = max(newest, h.keys.newest())
         if newest > self.forgotten_upto:
             self.forgotten_upto = newest
         self.evicted += 1
@@ -178,6 +203,14 @@ class HistoryStore:
             return after_seq >= self.forgotten_upto
         return h.covers(after_seq)
 
+    def keyed_covers(self, topic: str, after_seq: int) -> bool:
+        """Whether the topic's keyed state holds the newest event of every key changed after
+        ``after_seq`` (false when the store keeps no keyed state)."""
+        h = self.topics.get(topic)
+        if h is None:
+            return self._max_keys is not None and after_seq >= self.forgotten_upto
+        return h.keys is not None and h.keys.covers(after_seq)
+
     def sweep(self, now_ms: int, budget: int = 10_000) -> int:
         """Trim by age and forget emptied topics, looking at most at ``budget`` topics.
 
@@ -189,11 +222,13 @@ class HistoryStore:
         for name in list(islice(topics, budget)):
             h = topics.pop(name)
             h.trim(now_ms)
-            if h.events:
+            keys = h.keys
+            if h.events or (keys is not None and keys.entries):
                 topics[name] = h
                 continue
             del self._recent[name]
-            if h.trimmed_upto > self.forgotten_upto:
-                self.forgotten_upto = h.trimmed_upto
+            floor = h.trimmed_upto if keys is None else max(h.trimmed_upto, keys.floor)
+            if floor > self.forgotten_upto:
+                self.forgotten_upto = floor
             dropped += 1
         return dropped

@@ -94,8 +94,19 @@ def encode_reset(topics: list[str], dumps: object = None) -> bytes:
     Topic names are validated ASCII without quotes or backslashes, so plain formatting is
     valid JSON.
     """
+    return _topics_event(b"ssegw.reset", topics)
+
+
+def encode_compacted(topics: list[str]) -> bytes:
+    """``event: ssegw.compacted`` carrying ``{"topics": [...]}``, without ``id:`` (as
+    :func:`encode_reset`): for those topics the replay that follows holds only the newest
+    event of each key changed in the gap."""
+    return _topics_event(b"ssegw.compacted", topics)
+
+
+def _topics_event(name: bytes, topics: list[str]) -> bytes:
     inner = ",".join(f'"{t}"' for t in topics)
-    return b'event: ssegw.reset\ndata: {"topics":[' + inner.encode("ascii") + b"]}\n\n"
+    return b"event: " + name + b'\ndata: {"topics":[' + inner.encode("ascii") + b"]}\n\n"
 
 
 def chunk(payload: bytes) -> bytes:

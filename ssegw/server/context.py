@@ -23,6 +23,7 @@ from ..config import Config
 from ..core.conn import CLOSED, HEAD, STREAM, set_wpaused
 from ..core.errors import ProtocolError
 from ..core.fanout import Fanout
+from ..core.publish import Message
 from ..core.table import Table
 from ..core.wheel import TimerWheel
 from ..metrics import (
@@ -35,12 +36,10 @@ from ..metrics import (
     Histogram,
 )
 from ..policy.auth import Authenticator
-from ..policy.limits import Admission, ConnCounter, IPFilter, TokenBuckets, in_networks
+from ..policy.limits import Admission, ConnCounter, IPFilter, TokenBuckets, client_ip, in_networks
 from .access import configure_access
 from .flow import Flow
 from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol, Request
-from .proxy import Proxies
-from .upstream import SharedRoutes
 
 log = logging.getLogger("ssegw.worker")
 
@@ -90,6 +89,28 @@ class AdminSource(Protocol):
     async def stats(self) -> list[dict[str, object]]: ...
 
     async def subscribers(self, topic: str) -> int: ...
+
+
+class SharedRouteHooks(Protocol):
+    """What the rest of the worker asks of server/upstream.py's SharedRoutes."""
+
+    def interest(self, topic: str, on: bool) -> None: ...
+
+    def subscribed(self, p: HTTPProtocol, topics: tuple[str, ...]) -> None: ...
+
+    def refuse_routed(self, msgs: list[Message]) -> None: ...
+
+    def snapshot(self) -> dict[str, object]: ...
+
+    async def close(self) -> None: ...
+
+
+class ProxyHooks(Protocol):
+    """What the rest of the worker asks of server/proxy.py's Proxies."""
+
+    def forget(self, p: HTTPProtocol) -> None: ...
+
+    def snapshot(self) -> dict[str, object]: ...
 
 
 class Context:
@@ -151,6 +172,7 @@ class Context:
         self.events_replayed = 0
         self.heartbeats = 0
         self.resets = 0
+        self.compacted = 0  # ssegw.compacted sent
         self.publish_requests = 0
         self.head_timeouts = 0
         self.protocol_errors = 0
@@ -183,10 +205,11 @@ class Context:
         #: Publishes whose head passed check_head: when it came in (perf_counter), and the
         #: publisher's Authorization and loopback-ness, decided then.
         self.publish_t0: dict[HTTPProtocol, tuple[float, str | None, bool]] = {}
-        #: Shared upstream routes (server/upstream.py), when any are configured.
-        self.upstreams = SharedRoutes(self) if any(r.mode == "shared" for r in cfg.routes) else None
-        #: Proxy routes' streams (server/proxy.py), when any are configured.
-        self.proxies = Proxies(self) if any(r.mode == "proxy" for r in cfg.routes) else None
+        #: Shared upstream routes (server/upstream.py), when any are configured; the worker
+        #: makes them (they sit above this module and use it).
+        self.upstreams: SharedRouteHooks | None = None
+        #: Proxy routes' streams (server/proxy.py), likewise.
+        self.proxies: ProxyHooks | None = None
 
     def now_ms(self) -> int:
         assert self.loop is not None
@@ -291,6 +314,16 @@ class Context:
                 self.rearm_liveness(p, now)
         elif state == HEAD:
             p.next_request()
+
+    def client_ip(self, p: HTTPProtocol, req: Request) -> str:
+        """The client of a request: the peer, or, from a ``trusted_proxies`` peer, the
+        rightmost untrusted address of every ``X-Forwarded-For`` line read as one list (the
+        first line alone may be the client's own ``X-Forwarded-For: 127.0.0.1``, with the
+        proxy's line, the real address, after it)."""
+        trusted = self.cfg.trusted_proxies
+        if not trusted:
+            return p.ip
+        return client_ip(p.ip, req.field_list(b"x-forwarded-for"), trusted)
 
     def subscribe(self, p: HTTPProtocol, topics: tuple[str, ...]) -> None:
         ups = self.upstreams
@@ -520,6 +553,7 @@ class Context:
             "conflated": st.conflated,
             "heartbeats": self.heartbeats,
             "resets": self.resets,
+            "compacted": self.compacted,
             "publish_requests": self.publish_requests,
             "head_timeouts": self.head_timeouts,
             "paced": self.paced,

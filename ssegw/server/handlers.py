@@ -37,10 +37,9 @@ from ..core.errors import (
 )
 from ..core.ids import parse_id
 from ..core.publish import parse_publish
-from ..core.sse import encode_reset, encode_retry
+from ..core.sse import encode_compacted, encode_reset, encode_retry
 from ..core.topics import validate_topic
 from ..metrics import CONTENT_TYPE, make_registry, render
-from ..policy.limits import client_ip
 from .context import Context
 from .protocol import HTTPProtocol, Request
 from .proxy import open_proxy
@@ -62,15 +61,6 @@ def _header(req: Request, name: bytes) -> str | None:
         if k == name:
             return v.decode("latin-1")
     return None
-
-
-def _header_list(req: Request, name: bytes) -> str | None:
-    """Every field line called ``name``, joined with ``", "`` in order (RFC 9110 section 5.3:
-    a list-valued field may be split over several lines); None when there is none."""
-    values = [v for k, v in req.headers if k == name]
-    if not values:
-        return None
-    return b", ".join(values).decode("latin-1")
 
 
 def handle(w: Context, p: HTTPProtocol, req: Request, body: bytes) -> None:
@@ -147,11 +137,7 @@ def preflight(w: Context, p: HTTPProtocol, req: Request, methods: bytes) -> None
 
 
 def _client_ip(w: Context, p: HTTPProtocol, req: Request) -> str:
-    if not w.cfg.trusted_proxies:
-        return p.ip
-    # All the lines, as one list: the first line alone may be the client's own
-    # "X-Forwarded-For: 127.0.0.1", with the proxy's line (the real address) after it.
-    return client_ip(p.ip, _header_list(req, b"x-forwarded-for"), w.cfg.trusted_proxies)
+    return w.client_ip(p, req)
 
 
 def parse_subscribe(w: Context, req: Request, query: bytes) -> tuple[tuple[str, ...], str | None, str | None, str | None]:
@@ -180,8 +166,10 @@ def parse_subscribe(w: Context, req: Request, query: bytes) -> tuple[tuple[str, 
                          code="too_many_topics")
     for t in topics:
         validate_topic(t)
-    if since is not None and since not in ("last", "earliest"):
-        raise BadRequest("since must be 'last' or 'earliest'", code="bad_since")
+    if since is not None and since not in ("last", "earliest", "snapshot"):
+        raise BadRequest("since must be 'last', 'earliest' or 'snapshot'", code="bad_since")
+    if since == "snapshot" and not w.broker.keyed:
+        raise BadRequest(f"since=snapshot is not supported by the {w.broker.kind} broker", code="bad_since")
     header_id = _header(req, b"last-event-id")
     if header_id is not None and header_id.strip():
         last_id = header_id.strip()
@@ -276,6 +264,9 @@ def _start(w: Context, p: HTTPProtocol, replay: Replay, principal: object, cors:
     if replay.reset:
         parts.append(encode_reset(replay.reset))
         w.resets += 1
+    if replay.compacted:
+        parts.append(encode_compacted(replay.compacted))
+        w.compacted += 1
     w.events_replayed += len(replay.events)
     floors = replay.floors
     # What the stream owes: the replay, then events held while it was fetched, minus
@@ -556,6 +547,7 @@ def snapshot(w: Context) -> dict[str, object]:
     snap["broker_up"] = 1 if w.broker.ready() else 0
     for k in ("reconnects", "publish_errors", "publish_retries", "gap_fills", "gap_events", "gap_lost"):
         snap["broker_" + k] = b.get(k, 0)
+    snap["keyed_evictions"] = {"max_keys": b.get("keyed_evicted", 0), "ttl": b.get("keyed_expired", 0)}
     snap["broker_errors"] = {
         "publish": b.get("publish_errors", 0),
         "replay": w.replay_errors,
