@@ -36,11 +36,7 @@ def print_systemd(what: str) -> str:
     Raises:
         ValueError: ``what`` is none of those; the message lists them.
     """
-    try:
-        name, _ = FILES[what]
-    except KeyError:
-        raise ValueError(f"print-systemd: expected one of {', '.join(FILES)}, got {what!r}") from None
-    return (resources.files("ssegw") / "data" / name).read_text(encoding="utf-8")
+    return _read("print-systemd", FILES, what)
 
 
 #: Front-end recipes: name -> (file in ssegw/data, where the recipe's header installs it).
@@ -66,8 +62,12 @@ def print_proxy(which: str) -> str:
     Raises:
         ValueError: ``which`` is none of those; the message lists them.
     """
+    return _read("print-proxy", PROXIES, which)
+
+
+def _read(command: str, table: dict[str, tuple[str, str]], key: str) -> str:
     try:
-        name, _ = PROXIES[which]
+        name, _ = table[key]
     except KeyError:
-        raise ValueError(f"print-proxy: expected one of {', '.join(PROXIES)}, got {which!r}") from None
+        raise ValueError(f"{command}: expected one of {', '.join(table)}, got {key!r}") from None
     return (resources.files("ssegw") / "data" / name).read_text(encoding="utf-8")

@@ -45,10 +45,11 @@ from pathlib import Path
 import pytest
 from harness import ROOT, Gateway, Response, Stream, read_head, recv_all
 
+# Ports below the ephemeral range (20000-32000), so no outgoing connection holds them.
+from redis_harness import free_port
+
 from ssegw.packaged import print_proxy
 
-#: Where test proxies listen: below the ephemeral range, so no outgoing connection holds them.
-PORT_RANGE = (20000, 32000)
 #: The address test clients connect from (the proxy connects to the gateway from 127.0.0.1).
 CLIENT_IP = "127.0.0.5"
 TLS_NAME = "localhost"
@@ -132,19 +133,6 @@ def make_certs(d: Path) -> Certs:
 
 
 # -- ports and recipes -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A loopback TCP port below the ephemeral range that nothing listens on right now."""
-    for _ in range(200):
-        port = random.randrange(*PORT_RANGE)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port")
 
 
 def sub(text: str, old: str, new: str) -> str:
