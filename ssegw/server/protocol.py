@@ -118,6 +118,15 @@ class Request:
         self.expect = expect
         self.keep_alive = _keep_alive(self)
 
+    def field_list(self, name: bytes) -> str | None:
+        """Every field line called ``name`` (lower case), joined with ``", "`` in order (RFC
+        9110 5.3: a list-valued field may be split over several lines); None when there is
+        none."""
+        values = [v for k, v in self.headers if k == name]
+        if not values:
+            return None
+        return b", ".join(values).decode("latin-1")
+
 
 #: Heads already parsed, by their exact bytes: a publisher on a keep-alive connection sends
 #: the same head again and again (only Content-Length varies, over a few values), and h11's

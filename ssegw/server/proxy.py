@@ -149,10 +149,8 @@ class Proxies:
 
 def open_proxy(w: Context, p: HTTPProtocol, req: Request, route: RouteRule, path: bytes, query: bytes) -> None:
     """``GET`` under a proxy route's prefix: admission, token, then the upstream."""
-    from .handlers import _client_ip  # the one reading of X-Forwarded-For
-
     proxies = w.proxies
-    assert proxies is not None
+    assert isinstance(proxies, Proxies)
     if req.method != b"GET":
         raise ProtocolError("use GET on a proxied stream", status_hint=405, code="method_not_allowed",
                             headers=(("Allow", "GET"),))
@@ -162,7 +160,7 @@ def open_proxy(w: Context, p: HTTPProtocol, req: Request, route: RouteRule, path
     headers: dict[bytes, bytes] = {}
     for k, v in req.headers:
         headers.setdefault(k, v)
-    ip = _client_ip(w, p, req)
+    ip = w.client_ip(p, req)
     counted = p.held_ip
     try:
         w.admission.admit(ip, w.connections_open - 1, w.now_ms(), w.draining, counted)

@@ -50,7 +50,9 @@ from . import handlers
 from .acceptor import Acceptor, ProxyPolicy
 from .context import T_DRAIN, T_EXPIRE, T_LIFETIME, TICK_MS, Context
 from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol, Request
+from .proxy import Proxies
 from .sockets import bind_socket, descriptor_budget
+from .upstream import SharedRoutes
 
 log = logging.getLogger("ssegw.worker")
 
@@ -98,6 +100,10 @@ BROKER_CLOSE_TIMEOUT = 5.0
 class Worker(Context):
     def __init__(self, cfg: Config, broker: Broker, *, extra_startup: Callable[[Worker], None] | None = None) -> None:
         super().__init__(cfg, broker)
+        if any(r.mode == "shared" for r in cfg.routes):
+            self.upstreams = SharedRoutes(self)
+        if any(r.mode == "proxy" for r in cfg.routes):
+            self.proxies = Proxies(self)
         self.stopping: asyncio.Future[None] | None = None
         self.acceptors: list[Acceptor] = []
         self.admin_servers: list[asyncio.Server] = []
