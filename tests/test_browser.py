@@ -252,3 +252,23 @@ def test_admin_stats_after_a_browser_404(gateway, page):
     r = g.request("GET", "/admin/stats", admin=True)
     assert r.status == 200, r
     assert g.stats()["responses"]
+
+
+@pytest.mark.timeout(90)
+def test_demo_board_arrives_whole_from_the_snapshot(gateway, page):
+    """The demo page subscribes with ``since=snapshot`` to one topic keyed by symbol: the whole
+    board comes in the first replay, not a symbol at a time as ticks arrive (10/s round-robin
+    over 6 symbols would take about 0.6 s)."""
+    g = gateway("--demo", "--flush-interval", "10ms")
+    time.sleep(0.3)  # the ticker has published every symbol (at start) and some ticks
+    replayed_before = g.metrics()["ssegw_events_replayed_total"]
+    page.goto(f"http://127.0.0.1:{g.port}/")
+    page.wait_for_function("window.boardAt !== null", timeout=10_000)
+    board_ms = page.evaluate("window.boardAt")
+    ticks = page.evaluate("window.ticks")
+    assert board_ms < 300, f"the board took {board_ms:.0f} ms to fill: not from a snapshot"
+    assert ticks >= 6
+    assert g.metrics()["ssegw_events_replayed_total"] - replayed_before >= 6, "6 symbols from the keyed state"
+    assert page.evaluate("window.resets") == 0
+    ids = [page.locator("#rows tr").nth(i).locator("td.i").inner_text() for i in range(6)]
+    assert all(ids) and len(set(ids)) == 6
