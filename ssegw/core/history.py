@@ -173,10 +173,17 @@ class HistoryStore:
             q.append(ev)
             while len(q) > h.size:
                 h.trimmed_upto = q.popleft().seq
-            if h.keys is not None:
-                # Keyed entries are aged by trim() (replays, sweeps, an aged ring front):
-                # until then an expired entry only costs memory max_keys already bounds.
-                h.keys.put(ev)
+            keys = h.keys
+            if keys is not None:
+                # TopicKeys.put, inlined.  Keyed entries are aged by trim() (replays, sweeps,
+                # an aged ring front): until then an expired entry only costs memory that
+                # max_keys already bounds.
+                entries = keys.entries
+                entries.pop(ev.key, None)
+                entries[ev.key] = ev
+                keys.snap = None
+                if len(entries) > keys.max_keys:
+                    keys.evict()
             if h.ttl_ms and q and q[0].ts_ms < now_ms - h.ttl_ms:
                 h.trim(now_ms)
 

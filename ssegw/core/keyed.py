@@ -60,9 +60,10 @@ class TopicKeys:
         entries[key] = ev
         self.snap = None
         if len(entries) > self.max_keys:
-            self._evict()
+            self.evict()
 
-    def _evict(self) -> None:
+    def evict(self) -> None:
+        """Evict least recently updated keys down to ``max_keys``."""
         entries = self.entries
         while len(entries) > self.max_keys:
             old = entries.pop(next(iter(entries)))
