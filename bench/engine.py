@@ -274,7 +274,7 @@ class Timeline:
         env = self.env
         assert env.admin is not None and env.clients is not None
         t0 = time.monotonic()
-        last_t, last_sum, last_hist = t0, 0, {}
+        last_t, last_sum, last_hist = t0, -1, {}
         while not self.stop.is_set():
             st = await env.admin.stats()
             snap = await env.clients.snap("lat")
@@ -284,12 +284,14 @@ class Timeline:
                 for k, c in (part.get("lat") or {}).get("hist", {}).items():
                     hist[int(k)] = hist.get(int(k), 0) + c
             total = int(snap["sum"])  # type: ignore[call-overload]
-            if total < last_sum or any(hist.get(k, 0) < c for k, c in last_hist.items()):
-                last_sum, last_hist = 0, {}  # a new window's mark reset the counters
-            interval = {k: c - last_hist.get(k, 0) for k, c in hist.items() if c > last_hist.get(k, 0)}
+            if last_sum < 0 or total < last_sum or any(hist.get(k, 0) < c for k, c in last_hist.items()):
+                # The first sample, or a mark reset the counters since the last one: no rate yet.
+                rate, interval = None, {}
+            else:
+                rate = round((total - last_sum) / max(1e-6, now - last_t))
+                interval = {k: c - last_hist.get(k, 0) for k, c in hist.items() if c > last_hist.get(k, 0)}
             self.rows.append({"t_s": round(now - t0, 2), "streams_open": st.get("streams_open"),
-                              "events_per_s": round((total - last_sum) / max(1e-6, now - last_t)),
-                              "p99_ms": hist_p99(interval)})
+                              "events_per_s": rate, "p99_ms": hist_p99(interval)})
             last_t, last_sum, last_hist = now, total, hist
             try:
                 await asyncio.wait_for(self.stop.wait(), self.period)

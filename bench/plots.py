@@ -170,12 +170,12 @@ def storm_timeline(doc: dict[str, Any], out: Path) -> Path | None:
         xs = [p["t_s"] for p in tl]
         c = COLORS.get(r["target"])
         axes[0].plot(xs, [p["streams_open"] for p in tl], color=c, label=r["target"])
-        axes[1].plot(xs, [p["events_per_s"] for p in tl], color=c)
+        axes[1].plot(xs, [p["events_per_s"] if p["events_per_s"] is not None else float("nan") for p in tl], color=c)
         axes[2].plot(xs, [p["p99_ms"] if p["p99_ms"] is not None else float("nan") for p in tl], color=c)
     axes[0].set_ylabel("open streams")
-    axes[1].set_ylabel("events/s received")
+    axes[1].set_ylabel("events/s to the\nsubscribers")
     axes[2].set_ylabel("p99 (ms), per 0.5 s")
-    axes[2].set_xlabel("seconds since the window started")
+    axes[2].set_xlabel("seconds since publishing started")
     r0 = runs[0]
     axes[0].set_title(f"Connection storm: {r0['result'].get('storm')} newcomers next to {r0['users']} "
                       f"subscribers at {r0['rate']:g} msg/s")

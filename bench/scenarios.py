@@ -13,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import run  # noqa: E402
+from common import wait_quiet  # noqa: E402
 from engine import SSEUser, Timeline  # noqa: E402
 from loadgen import Clients  # noqa: E402
 
@@ -58,8 +59,11 @@ class StormUser(TickerUser):
     async def run(self, env: run.Env) -> dict[str, object]:
         assert env.srv is not None
         env.args.attempts = 1  # the storm's own process would count as someone else's CPU
+        # Wait for a quiet machine here, not inside the window, so that the storm's times
+        # count from the start of publishing.
+        info: dict[str, object] = {"storm": self.storm, "before_window": await wait_quiet(self.quiet_wait) if self.quiet_wait > 0 else None}
+        env.args.quiet_wait = 0
         timeline = Timeline(env)
-        info: dict[str, object] = {"storm": self.storm}
 
         async def storm() -> None:
             assert env.srv is not None
@@ -79,6 +83,7 @@ class StormUser(TickerUser):
         try:
             res = await self.window(env, self.rate)
             await storming
+            await asyncio.sleep(1.0)  # the server's count of open streams after the storm left
         finally:
             timeline.stop.set()
             storming.cancel()
