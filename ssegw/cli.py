@@ -98,7 +98,8 @@ def make_broker(cfg: Config) -> Broker:
 
         max_ttl = max([cfg.history_ttl] + [r.history_ttl for r in cfg.topics if r.history_ttl is not None])
         return RedisBroker(cfg.redis, settings, int(max_ttl * 1000),
-                           wait_replicas=cfg.redis_wait_replicas, wait_timeout=cfg.redis_wait_timeout)
+                           wait_replicas=cfg.redis_wait_replicas, wait_timeout=cfg.redis_wait_timeout,
+                           keyed=_keyed_settings(lambda: cfg))
     return MemoryBroker(settings, _wall_ms, _keyed_settings(lambda: cfg))
 
 

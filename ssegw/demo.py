@@ -75,11 +75,8 @@ connect();
 </script></body></html>
 """.replace(b"%SYMBOLS%", orjson.dumps(list(SYMBOLS))).replace(b"%TOPIC%", TOPIC.encode())
 
-#: The page, asking for the whole board (``since=snapshot``: brokers with keyed state).
+#: The page, asking for the whole board (``since=snapshot``).
 PAGE = _TEMPLATE.replace(b"%SINCE%", b"snapshot")
-#: The page for a broker without keyed state (Redis, for now): ``since=last`` gives one symbol
-#: and the board fills as the ticks come.
-PAGE_LAST = _TEMPLATE.replace(b"%SINCE%", b"last")
 
 
 class Ticker:

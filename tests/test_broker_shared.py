@@ -44,15 +44,14 @@ class Factory:
         self.redis_server = redis_server
 
     def __call__(self, settings: Settings = default_settings, max_keys: int = 10_000) -> object:
-        """``max_keys`` bounds the memory broker's keyed state (0: none, so that a test of
-        history coverage alone gets resets where keyed state would compact); the Redis broker
-        keeps no keyed state."""
+        """``max_keys`` bounds the keyed state (0: none, so that a test of history coverage
+        alone gets resets where keyed state would compact)."""
         if self.kind == "memory":
             return MemoryBroker(settings, lambda: time.time_ns() // 1_000_000, lambda t: (max_keys, False))
         from ssegw.broker.redis import RedisBroker
 
         assert self.url is not None
-        return RedisBroker(self.url, settings, HOUR_MS)
+        return RedisBroker(self.url, settings, HOUR_MS, keyed=lambda t: (max_keys, False))
 
 
 @pytest.fixture(params=["memory", "redis"])

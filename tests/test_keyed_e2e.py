@@ -1,7 +1,6 @@
 """End-to-end tests of keyed state (docs/api.md "Ids, history and resume": ``since=snapshot``,
 ``ssegw.compacted``, ``max_keys``) on a real gateway process over real sockets, read with the
-independent SSE parser.  Embedded broker; the Redis broker refuses ``since=snapshot`` until it
-keeps keyed state (last test).
+independent SSE parser.  Embedded broker, and two gateways on one Redis (last test).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import uuid
 from urllib.parse import urlencode
 
 import pytest
-from harness import Gateway, Stream
+from harness import Gateway, Stream, wait_until
 from sse_parser import Ev
 
 
@@ -189,12 +188,30 @@ def _check_seam(got: list[int], published: list[tuple[int, str]]) -> None:
     raise AssertionError(f"no head H splits the stream into snapshot + live: {got[:20]}...")
 
 
-def test_redis_broker_refuses_since_snapshot(gateway, redis_server) -> None:  # noqa: ANN001
-    g = gateway("--redis", redis_server.url, "--heartbeat-interval", "1s")
-    s = Stream(g.port, path(new_topic(), since="snapshot"), None, 5)
-    try:
-        assert s.status == 400 and s.body == b""
-        body = json.loads(s.error_body)
-        assert body["error"] == "bad_since" and "snapshot" in body["detail"]
-    finally:
-        s.close()
+def test_snapshot_and_compacted_resume_across_gateways_on_redis(gateway, redis_server) -> None:  # noqa: ANN001
+    a, b = (gateway("--redis", redis_server.url, "--history-size", "2", "--max-keys", "4", "--heartbeat-interval", "5s",
+                    "--flush-interval", "10ms") for _ in range(2))
+    for g in (a, b):
+        assert wait_until(lambda g=g: g.request("GET", "/readyz", admin=True).status == 200, 10, 0.05)
+    t = new_topic("redis")
+    first = pub(a, [tick(t, "a", "a0"), tick(t, "b", "b0")])
+    ids = pub(a, [tick(t, "c", "c0"), tick(t, "b", "b1"), tick(t, None, "plain")])
+    with b.stream(path(t, since="snapshot")) as s:  # published on a, the whole state on b
+        assert s.status == 200
+        evs = s.wait_events(4)
+        quiet(s, 4)
+        assert [(e.id, e.data) for e in evs] == [(first[0], "a0"), (ids[0], "c0"), (ids[1], "b1"), (ids[2], "plain")]
+        live = pub(a, tick(t, "a", "a1"))
+        assert [e.id for e in s.wait_events(5)[4:]] == live
+    pub(a, tick(t, "d", "d0"))  # 5 keys: c (the least recently updated) is evicted
+    # History keeps the last 2 (a1, d0).  Keyed state covers a resume from c0 on (b, the
+    # unkeyed one, a and d changed since), not one from before c0 (c changed, then was evicted).
+    with b.stream(path(t), {"Last-Event-ID": ids[0]}) as s:
+        evs = s.wait_events(5)
+        quiet(s, 5)
+        assert topics_of(evs[0], "ssegw.compacted") == [t]
+        assert [e.data for e in evs[1:]] == ["b1", "plain", "a1", "d0"]
+    with b.stream(path(t), {"Last-Event-ID": first[1]}) as s:
+        evs = s.wait_events(1)
+        quiet(s, 1)
+        assert topics_of(evs[0], "ssegw.reset") == [t]

@@ -253,7 +253,8 @@ def test_backend_publishes_with_redis_cli(cluster, redis_server) -> None:
 
 
 def test_resume_beyond_trimmed_history_gets_reset(cluster) -> None:
-    a, b = cluster(2, "--history-size", "3")
+    # max_keys 0: history coverage alone (keyed state would compact; tests/test_keyed_redis.py)
+    a, b = cluster(2, "--history-size", "3", "--max-keys", "0")
     t, quiet = new_topic("trimmed"), new_topic("quiet")
     (start,) = pub(a, {"topic": quiet, "data": "start"})
     ids = [pub(a, {"topic": t, "data": f"e{i}"})[0] for i in range(10)]

@@ -150,14 +150,19 @@ return 0
 """
 
 
+def _default_keyed(topic: str) -> tuple[int, bool]:
+    return 10_000, False
+
+
 class RedisBroker(Listener):
     kind = "redis"
-    # No keyed state yet: since=snapshot is refused (400) and a resume history no longer
-    # covers gets ssegw.reset, never a compacted replay.
-    keyed = False
+    # Keyed state lives beside each history stream, written by ssegw_publish in the same
+    # call (redis_lib.lua "Keyed state").
+    keyed = True
 
     def __init__(self, url: str, settings: Callable[[str], tuple[int, int]], max_ttl_ms: int, *,
-                 wait_replicas: int | None = None, wait_timeout: float = 1.0) -> None:
+                 wait_replicas: int | None = None, wait_timeout: float = 1.0,
+                 keyed: Callable[[str], tuple[int, bool]] | None = None) -> None:
         """Args:
             url: ``redis://host:port/db`` (or ``rediss://``, ``unix://``); on a cluster, any node.
             settings: topic -> (history_size, history_ttl_ms).
@@ -165,9 +170,12 @@ class RedisBroker(Listener):
             wait_replicas: replicas a publish must reach before it succeeds (``None``: auto,
                 1 on a shard with a replica, else 0).
             wait_timeout: how long (seconds) a publish waits for them.
+            keyed: topic -> (max_keys, whether a resume is compacted whenever that sends
+                fewer events: slow_consumer conflate); default (10,000, False).
         """
         self.url = url
         self._settings = settings
+        self._keyed = keyed or _default_keyed
         self._retention = max_ttl_ms + CLOCK_MARGIN_MS
         self._deliver: Callable[[list[Event]], None] | None = None
         self._on_gap: Callable[[list[str] | None], None] | None = None
@@ -342,6 +350,7 @@ class RedisBroker(Listener):
             size, ttl_ms = self._settings(m.topic)
             keys.append(s.stream_key(m.topic))
             args += [s.channel(m.topic), m.key or "", "1" if m.key is not None else "0", m.body, size, ttl_ms]
+        args += [self._keyed(m.topic)[0] for m in messages]  # max_keys, after the documented arguments
         loop = asyncio.get_running_loop()
         deadline = loop.time() + RESOLVE_TIMEOUT
         delay = 0.0
@@ -534,7 +543,7 @@ class RedisBroker(Listener):
         groups: dict[int, list[str]] = {}
         for t in topics:
             groups.setdefault(shard_index(t, n), []).append(t)
-        mode = "after" if after is not None else str(since)
+        mode = "resume" if after is not None else str(since)  # resume: history, else keyed state
         order = sorted(groups)
         if n > 1:
             # Several shards ("Several shards" above): the replay of shard k stops at this
@@ -549,6 +558,7 @@ class RedisBroker(Listener):
             self._read(self.shards[k], groups[k], mode, after[1][k] if after is not None else 0)
             for k in order))
         reset: list[str] = []
+        compacted: list[str] = []
         floors: dict[str, int] = {}
         per_shard: list[tuple[int, list[tuple[int, int, str, str | None, bytes]]]] = []
         heads: dict[int, int] = {}
@@ -561,10 +571,12 @@ class RedisBroker(Listener):
                 head = upto[k]
             heads[k] = head
             evs: list[tuple[int, int, str, str | None, bytes]] = []
-            for topic, (covered, raw) in zip(groups[k], per_topic, strict=True):
-                if not covered:
+            for topic, (status, raw) in zip(groups[k], per_topic, strict=True):
+                if status == 0:
                     reset.append(topic)
                     continue
+                if status == 2:
+                    compacted.append(topic)
                 floors[topic] = head
                 evs.extend((seq, ms, topic, key, body) for seq, ms, key, body in raw if seq <= head)
             evs.sort()
@@ -578,7 +590,7 @@ class RedisBroker(Listener):
                     if ev is None:
                         ev = frames[(epoch, seq)] = Event(t, seq, ms, encode_frame(f"{epoch}-{seq}", body), key)
                     events.append(ev)
-            return Replay(events, reset, floors)
+            return Replay(events, reset, floors, compacted)
         # Several shards: replayed frames get a running vector id, per connection.
         v = list(after[1]) if after is not None else list(self.seqs)
         if after is None:
@@ -594,15 +606,18 @@ class RedisBroker(Listener):
         for ms, k, seq, t, key, body in heapq.merge(*tagged, key=lambda x: x[0]):
             v[k] = seq
             events.append(Event(t, seq, ms, encode_frame(f"{self.epoch}-{'.'.join(map(str, v))}", body), key))
-        return Replay(events, reset, floors)
+        return Replay(events, reset, floors, compacted)
 
     async def _read(self, s: Shard, topics: list[str], mode: str, after_seq: int
-                    ) -> tuple[str, int, list[tuple[bool, list[tuple[int, int, str | None, bytes]]]]]:
+                    ) -> tuple[str, int, list[tuple[int, list[tuple[int, int, str | None, bytes]]]]]:
+        """One ``ssegw_replay`` call: (epoch, head, per topic (status, events)); status 1 =
+        history covers, 2 = compacted from keyed state, 0 = neither (reset)."""
         client = s.client
         if client is None or not s.up:
             raise BrokerUnavailable("redis is not connected")
         keys = [f"{s.prefix}:seq", f"{s.prefix}:epoch", f"{s.prefix}:clock", *(s.stream_key(t) for t in topics)]
-        args: list[object] = [mode, after_seq, *(self._settings(t)[1] for t in topics)]
+        args: list[object] = [mode, after_seq, *(self._settings(t)[1] for t in topics),
+                              *("1" if self._keyed(t)[1] else "0" for t in topics)]
         try:
             res = await client.fcall_ro("ssegw_replay", len(keys), *keys, *args)
         except UNREACHABLE as e:
@@ -613,14 +628,14 @@ class RedisBroker(Listener):
             raise BrokerUnavailable(f"redis refused the replay: {e}") from None
         epoch = res[0].decode()
         head = int(res[1])
-        out: list[tuple[bool, list[tuple[int, int, str | None, bytes]]]] = []
+        out: list[tuple[int, list[tuple[int, int, str | None, bytes]]]] = []
         for r in res[3:]:
-            covered = int(r[0]) == 1
+            status = int(r[0])
             evs = []
             for i in range(1, len(r), 4):
                 key = r[i + 2].decode() if r[i + 2] is not None else None
                 evs.append((int(r[i]), int(r[i + 1]), key, r[i + 3]))
-            out.append((covered, evs))
+            out.append((status, evs))
         return epoch, head, out
 
 

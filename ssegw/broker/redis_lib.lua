@@ -20,6 +20,10 @@ hash tag keeps a shard's keys, and its sharded channels, in one slot):
   {ssegw:S}:ident      "REPLID OFFSET HEAD": the replication history (INFO replication of
                        the primary) the epoch's sequence was last checked against, by
                        ssegw_check (see "Epoch integrity" below)
+  {ssegw:S}:kz:TOPIC   ZSET of the topic's keyed state: member = 'k' .. key (or 'n' for the
+                       events without a key), score = the seq of that key's newest event
+  {ssegw:S}:kv:TOPIC   HASH: the same members -> "SEQ:MS:" .. body; field 'f' = the keyed
+                       floor (the highest seq evicted by max_keys or expired by ttl)
 Channel (sharded pub/sub, SSUBSCRIBE): {ssegw:S}:c:TOPIC, payload "SEQ:MS:KLEN:" .. key .. body (KLEN -1 = no key).
 Channel {ssegw:S}:e: the new epoch, when ssegw_check gave the shard one.
 
@@ -31,6 +35,16 @@ from INFO replication (ssegw/broker/redis_pubsub.py); if the primary may lack an
 function gives the shard a new epoch -- only if the epoch is still the one the caller knew, so
 the first gateway to notice decides and every other one sees the change -- and announces it
 on {ssegw:S}:e.  Old ids then cannot be placed and resuming clients get ssegw.reset.
+
+Keyed state (since=snapshot, compacted resume).  ssegw_publish updates it in the same call as
+the stream, so history, keyed state and the sequence never disagree.  Its keys are derived
+from the stream key (same hash tag, so the same slot on a cluster), which keeps the call's
+documented KEYS unchanged for backends publishing with FCALL.  At most max_keys members (the
+lowest score, i.e. the least recently updated key, is evicted first), and members older than
+the ttl are removed as the stream is trimmed; either raises the floor.  A resume after X is
+covered by keyed state when X >= floor and no member above X is older than the ttl; a keyed
+state that is gone (expired with its stream) or was never written while its stream exists
+(written by an older library) covers as little as a gone stream does.
 
 Coverage ("is every event of TOPIC after seq X still here?"): a stream's
 max-deleted-entry-id is the highest trimmed seq; entries older than the topic's ttl count as
@@ -129,8 +143,55 @@ local function trim(skey, last_id, maxlen, old)
   if top then redis.call('XSETID', skey, last_id, 'MAXDELETEDID', top) end
 end
 
+-- The keyed state's ZSET and HASH keys of a topic, from its stream key PREFIX:h:TOPIC.
+local function keyed_keys(skey)
+  local p = string.find(skey, '}:h:', 1, true)
+  local prefix, topic = string.sub(skey, 1, p), string.sub(skey, p + 4)
+  return prefix .. ':kz:' .. topic, prefix .. ':kv:' .. topic
+end
+
+-- Record an event as its key's newest (see "Keyed state" above).  `old`: entries at or under
+-- this seq are older than the ttl; `floor0`: the floor of a keyed state created now.
+local function keyed_put(skey, seq, now, has_key, key, body, maxkeys, ttl, old, floor0)
+  local zkey, hkey = keyed_keys(skey)
+  local floor = tonumber(redis.call('HGET', hkey, 'f') or floor0)
+  local top = floor
+  if maxkeys <= 0 then
+    top = seq  -- nothing is kept: every event is evicted as it arrives
+  else
+    local member = 'n'
+    if has_key == '1' then member = 'k' .. key end
+    redis.call('ZADD', zkey, seq, member)
+    redis.call('HSET', hkey, member, seq .. ':' .. now .. ':' .. body)
+    local n = redis.call('ZCARD', zkey)
+    if n > maxkeys then
+      local gone = redis.call('ZPOPMIN', zkey, n - maxkeys)
+      for j = 1, #gone, 2 do
+        redis.call('HDEL', hkey, gone[j])
+        top = math.max(top, tonumber(gone[j + 1]))
+      end
+    end
+    if old > 0 then
+      local aged = redis.call('ZRANGEBYSCORE', zkey, '-inf', old, 'WITHSCORES')
+      if aged[1] then
+        for j = 1, #aged, 2 do
+          redis.call('HDEL', hkey, aged[j])
+          top = math.max(top, tonumber(aged[j + 1]))
+        end
+        redis.call('ZREMRANGEBYSCORE', zkey, '-inf', old)
+      end
+    end
+  end
+  redis.call('HSET', hkey, 'f', top)
+  if ttl > 0 then
+    redis.call('PEXPIRE', zkey, ttl + 60000)
+    redis.call('PEXPIRE', hkey, ttl + 60000)
+  end
+end
+
 -- KEYS: seq, epoch, clock, request, then one stream key per message
--- ARGV: n, clock_retention_ms, then per message: channel, key, has_key, body, maxlen, ttl_ms
+-- ARGV: n, clock_retention_ms, then per message: channel, key, has_key, body, maxlen, ttl_ms,
+--       then optionally one max_keys per message (default 10000)
 -- returns {epoch, seq1, ..., seqN}
 -- `request` is a per-request token key: a retry of a publish whose reply was lost finds
 -- it and gets the original ids instead of publishing twice.
@@ -145,6 +206,11 @@ local function publish(keys, args)
     if t ~= 'none' and t ~= 'stream' then
       return redis.error_reply('WRONGTYPE history key ' .. keys[4 + i] .. ' is a ' .. t)
     end
+    local zkey, hkey = keyed_keys(keys[4 + i])
+    local tz, th = redis.call('TYPE', zkey)['ok'], redis.call('TYPE', hkey)['ok']
+    if (tz ~= 'none' and tz ~= 'zset') or (th ~= 'none' and th ~= 'hash') then
+      return redis.error_reply('WRONGTYPE keyed state of ' .. keys[4 + i] .. ' is a ' .. tz .. '/' .. th)
+    end
   end
   local now = now_ms()
   local epoch = epoch_of(keys[2], now)
@@ -155,6 +221,7 @@ local function publish(keys, args)
     local channel, key, has_key, body = args[base + 1], args[base + 2], args[base + 3], args[base + 4]
     local maxlen, ttl = tonumber(args[base + 5]), tonumber(args[base + 6])
     local skey = keys[4 + i]
+    local maxkeys = tonumber(args[2 + n * 6 + i] or '10000')
     local seq = redis.call('INCR', keys[1])
     local id = seq .. '-0'
     local fresh = redis.call('EXISTS', skey) == 0
@@ -180,6 +247,11 @@ local function publish(keys, args)
     if ttl > 0 then
       redis.call('PEXPIRE', skey, ttl + 60000)
     end
+    -- A keyed state created now starts where a fresh stream does (`gone`), or, beside a
+    -- stream that already held events (written before keyed state existed), past them all.
+    local floor0 = gone
+    if not fresh then floor0 = seq - i end
+    keyed_put(skey, seq, now, has_key, key, body, maxkeys, ttl, old, floor0)
     local klen = -1
     if has_key == '1' then klen = string.len(key) end
     local payload = seq .. ':' .. now .. ':' .. klen .. ':' .. (has_key == '1' and key or '') .. body
@@ -222,11 +294,45 @@ local function max_deleted(skey)
   return 0
 end
 
+-- The keyed state of a stream key's topic above `after`, oldest first, as {seq, ms,
+-- key|false, body, ...}; nil if it does not cover a resume after `after` (strict), i.e. a key
+-- changed after it was evicted or expired.  Not strict (a snapshot): expired members are
+-- skipped.  `gone_floor`: what a keyed state that is gone covers (see "Coverage").
+local function keyed_after(skey, after, horizon, strict, gone_floor)
+  local zkey, hkey = keyed_keys(skey)
+  if redis.call('EXISTS', hkey) == 0 then
+    if strict and (after < gone_floor or redis.call('EXISTS', skey) == 1) then return nil end
+    return {}
+  end
+  if strict and after < tonumber(redis.call('HGET', hkey, 'f') or '0') then return nil end
+  local out = {}
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', zkey, '(' .. after, '+inf')) do
+    local v = redis.call('HGET', hkey, m)
+    local s, ms, rest = string.match(v, '^(%d+):(%d+):()')
+    if tonumber(ms) < horizon then
+      if strict then return nil end
+    else
+      out[#out + 1] = tonumber(s)
+      out[#out + 1] = tonumber(ms)
+      if string.sub(m, 1, 1) == 'k' then out[#out + 1] = string.sub(m, 2) else out[#out + 1] = false end
+      out[#out + 1] = string.sub(v, rest)
+    end
+  end
+  return out
+end
+
 -- KEYS: seq, epoch, clock, then one stream key per topic
--- ARGV: mode ('after' | 'last' | 'earliest'), after_seq, then one ttl_ms per topic
--- returns {epoch, head, now, r1, ..., rN}; ri = {covered (1/0), seq, ms, key|false, body, ...}
+-- ARGV: mode, after_seq, then one ttl_ms per topic, then optionally one flag per topic: '1' =
+--       resume compacted whenever that is shorter (slow_consumer conflate).  Modes: 'after'
+--       (history only: a gap fill), 'resume' ('after', else the keyed state), 'last',
+--       'earliest', 'snapshot'.
+-- returns {epoch, head, now, r1, ..., rN}; ri = {status, seq, ms, key|false, body, ...} with
+-- status 1 = history covers, 0 = neither covers (reset), 2 = compacted (keyed state)
 local function replay(keys, args)
   local mode, after = args[1], tonumber(args[2])
+  local resume = mode == 'resume'
+  if resume then mode = 'after' end
+  local nt = #keys - 3
   local now = now_ms()
   -- Read-only (runs on replicas too): no epoch yet means nothing was ever published.
   local epoch = redis.call('GET', keys[2]) or ''
@@ -236,11 +342,16 @@ local function replay(keys, args)
     local skey, ttl = keys[i], tonumber(args[i - 1])
     local horizon = 0
     if ttl > 0 then horizon = now - ttl end
+    local gone_floor = 0
+    if ttl > 0 and mode == 'after' then gone_floor = seq_by(keys[3], horizon, head) end
     local r = {1}
-    if redis.call('EXISTS', skey) == 0 then
+    if mode == 'snapshot' then
+      local k = keyed_after(skey, -1, horizon, false, 0)
+      for j = 1, #k do r[j + 1] = k[j] end
+    elseif redis.call('EXISTS', skey) == 0 then
       -- Gone: expired (ttl + 60 s after its last publish), so everything it held is at most
       -- seq_by(horizon); or never published.  ttl 0 streams do not expire.
-      if mode == 'after' and ttl > 0 and after < seq_by(keys[3], horizon, head) then r[1] = 0 end
+      if mode == 'after' and ttl > 0 and after < gone_floor then r[1] = 0 end
     else
       local entries
       if mode == 'after' then
@@ -268,6 +379,14 @@ local function replay(keys, args)
             r[#r + 1] = fields['b']
           end
         end
+      end
+    end
+    if resume and (r[1] == 0 or (args[2 + nt + i - 3] == '1' and #r > 5)) then
+      -- History does not cover (or the topic prefers compacting): the keyed state may.
+      local k = keyed_after(skey, after, horizon, true, gone_floor)
+      if k and (r[1] == 0 or #k < #r - 1) then
+        r = {2}
+        for j = 1, #k do r[j + 1] = k[j] end
       end
     end
     out[#out + 1] = r

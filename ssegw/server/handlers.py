@@ -86,9 +86,9 @@ def handle(w: Context, p: HTTPProtocol, req: Request, body: bytes) -> None:
     elif path == b"/" and w.cfg.demo:
         if method != b"GET":
             raise MethodNotAllowed("use GET on /", headers=(("Allow", "GET"),))
-        from ..demo import PAGE, PAGE_LAST
+        from ..demo import PAGE
 
-        p.respond(200, PAGE if w.broker.keyed else PAGE_LAST, content_type=b"text/html; charset=utf-8")
+        p.respond(200, PAGE, content_type=b"text/html; charset=utf-8")
     elif w.proxies is not None and (route := w.cfg.proxy_route(path.decode("latin-1"))) is not None:
         open_proxy(w, p, req, route, path, query)  # a proxy route's prefix (server/proxy.py)
     else:
