@@ -3,6 +3,10 @@
 Two runs on fresh gateways (embedded broker, ``--history-size`` = ``--keys`` so that both
 replays send the same number of events), each:
 
+With ``--redis`` the gateway uses a throw-away ``redis-server`` (core 1), and the run also
+reports how many reads of history and keyed state went to Redis and how many frames replays
+encoded (concurrent identical replays share a read, and a frame still held is reused).
+
 1. ``--keys`` messages with distinct keys (``k0``..) of ~80 bytes are published to one topic,
    in batches of 1,000;
 2. ``--clients`` subscribers connect at once (one asyncio client process, ``bench/client.py``,
@@ -87,13 +91,41 @@ class RssPeak:
         return self.peak
 
 
+def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    """A throw-away redis-server on core 1 (no persistence), and its URL."""
+    port = free_port()
+    proc = subprocess.Popen(["taskset", "-c", "1", "redis-server", "--port", str(port), "--save", "",
+                             "--appendonly", "no", "--bind", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
 def storm(since: str, args: argparse.Namespace) -> dict[str, object]:
     port = free_port()
+    redis_proc, extra = None, []
+    if args.redis:
+        redis_proc, url = start_redis()
+        extra = ["--redis", url]
     server = Server("0", ["--port", str(port), "--admin-port", str(port + 1),
                           "--history-size", str(args.keys), "--max-keys", str(args.keys),
-                          "--max-buffer", "256KiB", "--slow-grace", "30s"]).start()
+                          "--max-buffer", "256KiB", "--slow-grace", "30s", *extra]).start()
     client: subprocess.Popen[str] | None = None
     try:
+        if args.redis:
+            deadline = time.monotonic() + 15
+            while not server.stats().get("broker", {}).get("up"):  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, "the gateway never connected to redis"
+                time.sleep(0.1)
         publish_board(server.port, args.keys)
         time.sleep(0.5)
         rss0 = proc_rss(server.pid)
@@ -121,6 +153,7 @@ def storm(since: str, args: argparse.Namespace) -> dict[str, object]:
         cpu = proc_cpu(server.pid) - cpu0
         rss_peak = peak.stop()
         stats = server.stats()
+        broker = stats.get("broker") or {}
         client.stdin.write("quit\n")
         client.stdin.flush()
         return {
@@ -131,7 +164,9 @@ def storm(since: str, args: argparse.Namespace) -> dict[str, object]:
             "gateway_cpu_s": round(cpu, 2), "rss_before_mb": round(rss0 / 2**20, 1),
             "rss_peak_mb": round(rss_peak / 2**20, 1), "rss_peak_delta_mb": round((rss_peak - rss0) / 2**20, 1),
             "events_replayed": stats.get("events_replayed"), "paced": stats.get("paced"),
-            "slow_closed": stats.get("slow_closed"),
+            "slow_closed": stats.get("slow_closed"), "broker": "redis" if args.redis else "memory",
+            "history_reads": broker.get("history_reads"),  # type: ignore[union-attr]
+            "replay_frames_encoded": broker.get("replay_frames_encoded"),  # type: ignore[union-attr]
         }
     finally:
         if client is not None:
@@ -141,6 +176,9 @@ def storm(since: str, args: argparse.Namespace) -> dict[str, object]:
                 client.kill()
                 client.wait(5)
         server.stop()
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(10)
 
 
 def main() -> None:
@@ -149,6 +187,8 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=10_000)
     ap.add_argument("--timeout", type=float, default=180.0, help="give up on a storm after this many seconds")
     ap.add_argument("--only", choices=("snapshot", "earliest"), help="run one of the two storms")
+    ap.add_argument("--redis", action="store_true", help="through a throw-away redis-server on core 1 (the "
+                    "gateway's --redis) instead of the embedded broker")
     args = ap.parse_args()
     for since in ("snapshot", "earliest"):
         if args.only and since != args.only:

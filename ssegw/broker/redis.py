@@ -225,6 +225,11 @@ class RedisBroker(Listener):
         self._need_next: dict[int, float] = {}
         self._resolving: dict[int, asyncio.Future[int]] = {}
         self.publish_unreplicated = 0
+        #: reads of history and keyed state sent to Redis (replays, where concurrent identical
+        #: ones share a read, and gap fills), and the frames replays encoded (a frame still
+        #: held from an earlier read is reused, one shard only)
+        self.history_reads = 0
+        self.replay_encoded = 0
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -589,6 +594,7 @@ class RedisBroker(Listener):
                     ev = frames.get((epoch, seq))
                     if ev is None:
                         ev = frames[(epoch, seq)] = Event(t, seq, ms, encode_frame(f"{epoch}-{seq}", body), key)
+                        self.replay_encoded += 1
                     events.append(ev)
             return Replay(events, reset, floors, compacted)
         # Several shards: replayed frames get a running vector id, per connection.
@@ -606,6 +612,7 @@ class RedisBroker(Listener):
         for ms, k, seq, t, key, body in heapq.merge(*tagged, key=lambda x: x[0]):
             v[k] = seq
             events.append(Event(t, seq, ms, encode_frame(f"{self.epoch}-{'.'.join(map(str, v))}", body), key))
+        self.replay_encoded += len(events)
         return Replay(events, reset, floors, compacted)
 
     async def _read(self, s: Shard, topics: list[str], mode: str, after_seq: int
@@ -616,6 +623,7 @@ class RedisBroker(Listener):
         if client is None or not s.up:
             raise BrokerUnavailable("redis is not connected")
         keys = [f"{s.prefix}:seq", f"{s.prefix}:epoch", f"{s.prefix}:clock", *(s.stream_key(t) for t in topics)]
+        self.history_reads += 1
         args: list[object] = [mode, after_seq, *(self._settings(t)[1] for t in topics),
                               *("1" if self._keyed(t)[1] else "0" for t in topics)]
         try:
@@ -712,6 +720,8 @@ class RedisBroker(Listener):
             "gap_events": self.gap_events,
             "gap_lost": self.gap_lost,
             "dup_dropped": self.dup_dropped,
+            "history_reads": self.history_reads,
+            "replay_frames_encoded": self.replay_encoded,
         }
         if len(self.shards) > 1:
             out["shards"] = [{"tag": s.tag, "node": s.node, "up": s.up, "epoch": s.epoch, "last_seq": self.seqs[s.index]}
