@@ -504,6 +504,11 @@ class Generations:
             return await w.broker.subscribers(topic, sum(g.table.subscribers(topic) for g in self.live))
         return await w.broker.subscribers(topic, w.table.subscribers(topic))
 
+    async def keys(self, topic: str) -> int:
+        w = self.current
+        assert w is not None
+        return await w.broker.keys(topic)
+
     # -- systemd status ---------------------------------------------------------------------
 
     def _status_text(self) -> str:

@@ -434,6 +434,13 @@ class Supervisor:
         return out
 
     async def subscribers(self, topic: str) -> int:
+        return int((await self._topic(topic))["subscribers"])
+
+    async def keys(self, topic: str) -> int:
+        return int((await self._topic(topic))["keys"])
+
+    async def _topic(self, topic: str) -> dict[str, int]:
+        """A live worker's ``/admin/topics/NAME`` answer (it asks the cluster)."""
         for wp in list(self.workers.values()):
             if wp.retiring:
                 continue
@@ -442,7 +449,7 @@ class Supervisor:
             except (TimeoutError, OSError, ValueError, IndexError):
                 continue
             if status == 200:
-                return int(orjson.loads(body)["subscribers"])
+                return orjson.loads(body)  # type: ignore[no-any-return]
         raise OSError("no worker answered")
 
     # -- heartbeats, watchdog and status -------------------------------------------------------

@@ -36,7 +36,7 @@ def topic_subs(gw: Gateway, t: str) -> int:
     assert r.status == 200, r
     assert r.headers["content-type"].split(";")[0] == "application/json"
     obj = r.json()
-    assert obj == {"topic": t, "subscribers": obj["subscribers"]}
+    assert obj == {"topic": t, "subscribers": obj["subscribers"], "keys": obj["keys"]}
     assert isinstance(obj["subscribers"], int)
     return obj["subscribers"]
 
@@ -145,7 +145,7 @@ def test_admin_topic_subscribers(gw: Gateway) -> None:
         assert topic_subs(gw, t) == 2
         assert topic_subs(gw, u) == 2
         r = admin(gw, "/admin/topics/" + u)  # unescaped '/' and ':' work too
-        assert r.status == 200 and r.json() == {"topic": u, "subscribers": 2}
+        assert r.status == 200 and r.json() == {"topic": u, "subscribers": 2, "keys": 0}
     finally:
         s1.close()
         s2.close()

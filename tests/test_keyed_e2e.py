@@ -47,6 +47,12 @@ def tick(topic: str, key: str | None, data: object) -> dict[str, object]:
     return m
 
 
+def topic_keys(g: Gateway, t: str) -> int:
+    r = g.request("GET", "/admin/topics/" + t, admin=True)
+    assert r.status == 200, r
+    return r.json()["keys"]
+
+
 def topics_of(ev: Ev, name: str) -> list[str]:
     assert ev.event == name and not ev.has_id, ev
     return json.loads(ev.data)["topics"]
@@ -86,6 +92,7 @@ def test_snapshot_keeps_max_keys_least_recently_updated_evicted(gw: Gateway) -> 
         quiet(s, 3)
         assert [e.id for e in evs] == [ids[2], ids[3], ids[4]]  # c, a, d
     assert gw.metrics()['ssegw_keyed_evictions_total{reason="max_keys"}'] == before + 1
+    assert topic_keys(gw, t) == 3 and topic_keys(gw, new_topic("none")) == 0
 
 
 def test_compacted_resume_after_history_trimmed_sends_exactly_the_changed_keys(gw: Gateway) -> None:
@@ -189,8 +196,9 @@ def _check_seam(got: list[int], published: list[tuple[int, str]]) -> None:
 
 
 def test_snapshot_and_compacted_resume_across_gateways_on_redis(gateway, redis_server) -> None:  # noqa: ANN001
+    # a: two workers under a supervisor (its admin listener asks a worker), b: one process.
     a, b = (gateway("--redis", redis_server.url, "--history-size", "2", "--max-keys", "4", "--heartbeat-interval", "5s",
-                    "--flush-interval", "10ms") for _ in range(2))
+                    "--flush-interval", "10ms", "--workers", str(n)) for n in (2, 1))
     for g in (a, b):
         assert wait_until(lambda g=g: g.request("GET", "/readyz", admin=True).status == 200, 10, 0.05)
     t = new_topic("redis")
@@ -204,6 +212,7 @@ def test_snapshot_and_compacted_resume_across_gateways_on_redis(gateway, redis_s
         live = pub(a, tick(t, "a", "a1"))
         assert [e.id for e in s.wait_events(5)[4:]] == live
     pub(a, tick(t, "d", "d0"))  # 5 keys: c (the least recently updated) is evicted
+    assert topic_keys(a, t) == topic_keys(b, t) == 4
     # History keeps the last 2 (a1, d0).  Keyed state covers a resume from c0 on (b, the
     # unkeyed one, a and d changed since), not one from before c0 (c changed, then was evicted).
     with b.stream(path(t), {"Last-Event-ID": ids[0]}) as s:

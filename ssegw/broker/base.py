@@ -98,6 +98,9 @@ class Broker(Protocol):
     async def subscribers(self, topic: str, local: int) -> int:
         """Subscribers of ``topic`` across the cluster (``local`` = this worker's count)."""
 
+    async def keys(self, topic: str) -> int:
+        """Keys in ``topic``'s keyed state (0 for a broker without :attr:`keyed`)."""
+
     def presence(self, counts: dict[str, int]) -> None:
         """This worker's subscriber count of each topic that changed (cluster presence)."""
 

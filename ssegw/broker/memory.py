@@ -160,6 +160,10 @@ class MemoryBroker(LocalLeases):
     async def subscribers(self, topic: str, local: int) -> int:
         return local
 
+    async def keys(self, topic: str) -> int:
+        h = self.history.get(topic, self._clock_ms())
+        return len(h.keys.entries) if h is not None and h.keys is not None else 0
+
     def presence(self, counts: dict[str, int]) -> None:
         """One process: its own counts are the whole picture."""
 

@@ -662,6 +662,19 @@ class RedisBroker(Listener):
         except UNREACHABLE as e:
             raise BrokerUnavailable(f"redis unreachable: {e}") from None
 
+    async def keys(self, topic: str) -> int:
+        """The members of the topic's keyed state (``redis_lib.lua`` "Keyed state"); members
+        older than the ttl count until the next publish or replay removes or skips them."""
+        if not self.shards:
+            raise BrokerUnavailable("redis is not connected")
+        s = self.shard_of(topic)
+        if s.client is None or not s.up:
+            raise BrokerUnavailable("redis is not connected")
+        try:
+            return int(await s.client.zcard(s.stream_key(topic).replace("}:h:", "}:kz:", 1)))
+        except UNREACHABLE as e:
+            raise BrokerUnavailable(f"redis unreachable: {e}") from None
+
     # -- leases (upstream routes: one upstream stream per topic in the cluster) -----------
 
     async def lease(self, name: str, owner: str, ttl_ms: int, note: str | None) -> tuple[bool, str | None]:

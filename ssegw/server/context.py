@@ -90,6 +90,8 @@ class AdminSource(Protocol):
 
     async def subscribers(self, topic: str) -> int: ...
 
+    async def keys(self, topic: str) -> int: ...
+
 
 class SharedRouteHooks(Protocol):
     """What the rest of the worker asks of server/upstream.py's SharedRoutes."""

@@ -482,6 +482,9 @@ class LocalAdmin:
         w = self.w
         return await w.broker.subscribers(topic, w.table.subscribers(topic))
 
+    async def keys(self, topic: str) -> int:
+        return await self.w.broker.keys(topic)
+
 
 def _admin(w: Context, p: HTTPProtocol, req: Request, path: bytes) -> None:
     if path not in _ADMIN_PATHS and not path.startswith(b"/admin/topics/"):
@@ -518,7 +521,8 @@ def _admin(w: Context, p: HTTPProtocol, req: Request, path: bytes) -> None:
         validate_topic(name)
 
         async def topic() -> None:
-            p.respond_json(200, {"topic": name, "subscribers": await source.subscribers(name)})
+            p.respond_json(200, {"topic": name, "subscribers": await source.subscribers(name),
+                                 "keys": await source.keys(name)})
 
         _later(p, topic())
 
