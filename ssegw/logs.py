@@ -161,14 +161,18 @@ def formatter(fmt: str, journald: bool) -> logging.Formatter:
 
 #: A buffered handler writes once this much is pending (and at every ``flush()``).
 BUFFER_BYTES = 64 * 1024
+#: The logger whose lines are buffered (one per request: the volume); every other line is
+#: written at once, after what is pending, so that lines keep their order in this process
+#: and reach the journal in step with the other processes' (a supervisor and its workers).
+ACCESS_LOGGER = "ssegw.access"
 
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """Our handler, told apart from others on the root logger (a test's caplog).
 
-    Buffered (a worker, which then calls :func:`flush` every tick, 50 ms): lines are kept
-    and written together, at every tick, at 64 KiB, and at once for a WARNING or worse (with
-    what was pending before it, in order).  One write per line cost a publish ~40 us of its
+    Buffered (a worker, which then calls :func:`flush` every tick, 50 ms): access lines are
+    kept and written together, at every tick, at 64 KiB, or with the next other line (any
+    other line is written at once, with what was pending before it, in order).  One write per line cost a publish ~40 us of its
     ~120 us at one access line per request (tuning.md "Publish ingest"); nginx's
     ``access_log ... buffer=`` does the same.  What a kill -9 loses is at most one tick of
     INFO lines.  Unbuffered (the default: the supervisor, the CLI's commands): one write per
@@ -192,7 +196,7 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
             return
         self.pending.append(line)
         self.size += len(line) + 1
-        if record.levelno >= logging.WARNING or self.size >= BUFFER_BYTES:
+        if record.name != ACCESS_LOGGER or record.levelno >= logging.WARNING or self.size >= BUFFER_BYTES:
             self._write()
 
     def _write(self) -> None:
@@ -212,9 +216,12 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
         self.acquire()
         try:
             self._write()
+            if self.stream is not None and not getattr(self.stream, "closed", False):
+                self.stream.flush()
+        except (OSError, ValueError):  # a stream closed or broken under us: nothing to do
+            pass
         finally:
             self.release()
-        super().flush()
 
 
 def _bare(logger: logging.Logger) -> bool:
@@ -248,19 +255,26 @@ def info_fields(logger: logging.Logger, msg: str, fields: Mapping[str, object]) 
                 with h.lock:  # type: ignore[union-attr]
                     h.pending.append(line)
                     h.size += len(line) + 1
-                    if h.size >= BUFFER_BYTES:
+                    if h.size >= BUFFER_BYTES or logger.name != ACCESS_LOGGER:
                         h._write()
                 return
     logger.info(msg, extra={"fields": fields})
 
 
+#: Workers of this process that asked for buffered lines (a single-process reload runs two
+#: generations for a while: lines stay buffered until the last one stops).
+_BUFFERING = [0]
+
+
 def buffer_lines(on: bool) -> None:
-    """Buffer (or stop buffering) our handler's lines; the caller then calls :func:`flush`
-    often (a worker, every tick).  Turning it off writes what is pending."""
+    """A worker starts (True) or stops (False) writing our handler's lines every tick (it
+    calls :func:`flush`); lines are buffered while any worker does.  Turning it off writes
+    what is pending."""
+    _BUFFERING[0] = max(0, _BUFFERING[0] + (1 if on else -1))
     for h in logging.getLogger().handlers:
         if isinstance(h, _Handler):
             h.flush()
-            h.buffered = on
+            h.buffered = _BUFFERING[0] > 0
 
 
 def flush() -> None:
@@ -287,7 +301,7 @@ def setup(fmt: str = "text", level: str = "info", environ: Mapping[str, str] | N
     root = logging.getLogger()
     for h in list(root.handlers):
         if isinstance(h, _Handler):
-            handler.buffered = h.buffered  # a reload keeps the worker's buffering
+            handler.buffered = _BUFFERING[0] > 0  # a reload keeps the worker's buffering
             h.flush()
             root.removeHandler(h)
     root.addHandler(handler)

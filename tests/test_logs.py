@@ -397,11 +397,13 @@ def test_buffered_lines_keep_their_order_and_a_warning_is_written_at_once(tmp_pa
         try:
             for i in range(3):
                 logs.info_fields(logging.getLogger("ssegw.access"), "request", {"n": i})
-            assert path.read_text() == ""  # nothing written yet
-            logging.getLogger("ssegw.x").warning("look")
-            text = path.read_text()  # the warning and, before it, what was pending
+            assert path.read_text() == ""  # access lines: nothing written yet
+            logging.getLogger("ssegw.x").info("look")
+            text = path.read_text()  # any other line at once, and before it what was pending
             assert [ln.split(": ", 1)[1] for ln in text.splitlines()] == ["request n=0", "request n=1", "request n=2", "look"]
-            logging.getLogger("ssegw.x").info("later")
+            logging.getLogger("ssegw.access").warning("bad")  # an access WARNING: at once too
+            assert path.read_text().endswith(": bad\n")
+            logging.getLogger("ssegw.access").info("later")
             assert "later" not in path.read_text()
             logs.flush()
             assert path.read_text().endswith(": later\n")

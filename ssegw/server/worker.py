@@ -217,6 +217,8 @@ class Worker(Context):
             await asyncio.wait_for(self.broker.close(), BROKER_CLOSE_TIMEOUT)
         except TimeoutError:
             log.warning("broker did not close within %.0fs; exiting anyway", BROKER_CLOSE_TIMEOUT)
+        finally:
+            logs.buffer_lines(False)  # this worker's tick no longer writes them
 
     def stop_accepting(self, admin: bool = False) -> None:
         """Close the public listeners (and the admin ones if ``admin``): this worker's
