@@ -38,7 +38,7 @@ def _name(cn: str) -> x509.Name:
 
 def make_ca(tmp: Path) -> tuple[Path, ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name("ssegw test CA")).issuer_name(_name("ssegw test CA"))
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2))
@@ -51,7 +51,7 @@ def make_ca(tmp: Path) -> tuple[Path, ec.EllipticCurvePrivateKey, x509.Certifica
 
 def make_leaf(tmp: Path, ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, tag: str) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name(f"localhost {tag}")).issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2))
