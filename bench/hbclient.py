@@ -6,7 +6,10 @@ Same command line and stdin/stdout protocol as ``bench/client.py`` (``mark``, ``
 on the wire ``3\\r\\n:\\n\\n\\r\\n``), found with ``bytes.count(b"\\n:\\n\\n")`` plus a 3-byte
 tail for a marker split between two reads.  ``snap`` therefore reports heartbeats received
 since the ``mark``: ``min`` over all connections is what ``bench/scale.py capacity`` checks.
-Events (``\\nid: ``) are counted separately in ``events`` (not reported; idle streams get none).
+``sample K`` switches K streams (spread evenly; all of them when K >= the streams) to
+client.py's event counter (``\\nid: ``) and the others back to heartbeats: after ``sample
+<all>`` and ``mark``, ``snap`` counts events received, which is how ``capacity`` checks that a
+publish reached every stream.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class HbSub(client.Sub):
 class HbApp(client.App):
     def __init__(self) -> None:
         super().__init__()
-        self.plain = self.sampled = HbSub
+        self.plain = HbSub
+        self.sampled = client.Sub  # `sample K`: these K count events instead
 
 
 # client.main() builds its App by name: every connection it opens is an HbSub.

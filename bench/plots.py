@@ -8,6 +8,10 @@
 - ``flush_interval.png``: server CPU and p99 vs ``flush_interval`` (ssegw);
 - ``storm_timeline.png``: open streams, events/s and p99 every 0.5 s through a connection storm.
 
+``draw_capacity(out_dir, doc)`` does the same for one ``bench/scale.py capacity`` run:
+``capacity_open.png`` (open streams and streams/s vs time while opening) and
+``capacity_rss.png`` (gateway and client RSS vs open streams).
+
 Each figure names the command, the commit and the date that produced it.  A plot whose data
 is missing from the run is skipped.
 """
@@ -183,6 +187,62 @@ def storm_timeline(doc: dict[str, Any], out: Path) -> Path | None:
     for a in axes:
         a.grid(True, alpha=0.3)
     return _save(fig, doc, out / "storm_timeline.png")
+
+
+def capacity_timeline(doc: dict[str, Any], out: Path) -> Path | None:
+    """``bench/scale.py capacity``: open streams (and streams/s) vs time while opening."""
+    tl = doc.get("timeline") or []
+    if len(tl) < 2:
+        return None
+    xs = [p["t_s"] for p in tl]
+    ys = [p["streams_open"] for p in tl]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(xs, ys, "o-", ms=3, color="tab:blue", label="open streams (/admin/stats, all workers)")
+    ax.set_xlabel("seconds since the clients started")
+    ax.set_ylabel("open streams")
+    ax.set_ylim(bottom=0)
+    ax2 = ax.twinx()
+    rx = [(a["t_s"] + b["t_s"]) / 2 for a, b in zip(tl, tl[1:], strict=False) if b["t_s"] > a["t_s"]]
+    ry = [(b["streams_open"] - a["streams_open"]) / (b["t_s"] - a["t_s"])
+          for a, b in zip(tl, tl[1:], strict=False) if b["t_s"] > a["t_s"]]
+    ax2.plot(rx, ry, "-", color="tab:green", alpha=0.6, label="streams/s")
+    ax2.set_ylabel("streams accepted per second", color="tab:green")
+    ax2.set_ylim(bottom=0)
+    mean = (doc.get("accept_rate") or {}).get("mean_5_95_per_s")
+    ax.set_title(f"Opening {doc.get('connected') or ys[-1]:,} streams over {doc.get('workers')} workers"
+                 + (f" (mean {mean:,}/s)" if mean else ""), fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, doc, out / "capacity_open.png")
+
+
+def capacity_rss(doc: dict[str, Any], out: Path) -> Path | None:
+    """``bench/scale.py capacity``: gateway RSS (all processes) and clients' RSS vs open streams."""
+    tl = doc.get("timeline") or []
+    if len(tl) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    xs = [p["streams_open"] for p in tl]
+    ax.plot(xs, [p["rss_mib"] for p in tl], "o-", ms=3, color="tab:blue",
+            label=f"gateway: supervisor + {doc.get('workers')} workers")
+    ax.plot(xs, [p.get("clients_rss_mib") for p in tl], "s-", ms=3, color="tab:orange",
+            label=f"clients: {doc.get('conditions', {}).get('procs')} processes")
+    n = doc.get("connected") or xs[-1]
+    ax.annotate(f"{doc.get('rss_per_conn_bytes', 0):,} B/stream marginal (settled)",
+                (n, doc.get("rss_idle_mib", tl[-1]["rss_mib"])), fontsize=8, xytext=(-190, -16),
+                textcoords="offset points")
+    ax.set_xlabel("open streams")
+    ax.set_ylabel("RSS (MiB), sampled while opening")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Memory vs connections (one run, sampled as the streams open)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, doc, out / "capacity_rss.png")
+
+
+def draw_capacity(out: Path, doc: dict[str, Any]) -> list[Path]:
+    """The plots of one ``bench/scale.py capacity`` run (its JSON document), into ``out``."""
+    return [p for p in (capacity_timeline(doc, out), capacity_rss(doc, out)) if p is not None]
 
 
 def draw(out: Path, doc: dict[str, Any]) -> list[Path]:

@@ -50,6 +50,7 @@ from common import (  # noqa: E402
     Server,
     emit,
     log,
+    proc_cpu,
     proc_rss,
 )
 from loadgen import Admin, Clients, Publisher, ticker_body  # noqa: E402
@@ -641,8 +642,9 @@ class HbClients(Clients):
 
     @classmethod
     async def start_hb(cls, port: int, conns: int, procs: int, topic: str, core: str, max_life: float,
-                       per_src: int = 10_000) -> HbClients:
-        self = cls()
+                       per_src: int = 10_000, into: HbClients | None = None) -> HbClients:
+        """``into``: fill this object (its ``pids`` are readable while the processes connect)."""
+        self = into if into is not None else cls()
         base = 0
         src_i = 2
         for p in range(procs):
@@ -664,15 +666,131 @@ class HbClients(Clients):
         return self
 
 
+def kernel_mem() -> dict[str, int]:
+    """Host-wide kernel figures: ``/proc/net/sockstat`` (TCP sockets in use and allocated,
+    TCP ``mem`` in 4 KiB pages = queued data), ``/proc/meminfo`` (slab, where the socket
+    objects live; available memory).  On loopback both ends of every stream are counted."""
+    out: dict[str, int] = {}
+    with open("/proc/net/sockstat") as f:
+        for line in f:
+            if line.startswith(("TCP:", "sockets:")):
+                kv = line.split()[1:]
+                pre = "tcp_" if line.startswith("TCP") else "sockets_"
+                out.update({pre + k: int(v) for k, v in zip(kv[::2], kv[1::2], strict=False)})
+    out["tcp_mem_bytes"] = out.get("tcp_mem", 0) * 4096
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, v = line.split(":", 1)
+            if k in ("Slab", "SUnreclaim", "SReclaimable", "MemAvailable"):
+                out[k.lower() + "_bytes"] = int(v.split()[0]) * 1024
+    return out
+
+
+def kernel_delta(before: dict[str, int], after: dict[str, int], conns: int) -> dict[str, object]:
+    """What ``conns`` streams (2 × ``conns`` sockets on loopback) added to :func:`kernel_mem`."""
+    d = {k: after[k] - before.get(k, 0) for k in after}
+    per = {k: round(v / max(1, conns)) for k, v in d.items() if k.endswith("_bytes")}
+    return {"delta": d, "per_stream_bytes": per,
+            "slab_per_socket_bytes": round(d.get("slab_bytes", 0) / max(1, 2 * conns)),
+            "tcp_sockets_added": d.get("tcp_inuse", 0)}
+
+
+async def opening_timeline(admin: AggAdmin, srv: MultiServer, clients: Clients, t0: float,
+                           stop: asyncio.Event, every: float, out: list[dict[str, object]]) -> None:
+    """Every ``every`` s until ``stop``: streams open (``/admin/stats`` over the workers), gateway
+    RSS, TCP sockets in use, and the clients' RSS; appended to ``out``."""
+    while not stop.is_set():
+        try:
+            st = await admin.stats()
+            crss = 0
+            for pid in clients.pids:
+                try:
+                    crss += proc_rss(pid)
+                except (OSError, RuntimeError):
+                    pass
+            out.append({"t_s": round(time.monotonic() - t0, 2), "streams_open": int(st["streams_open"]),  # type: ignore[call-overload]
+                        "rss_mib": round(srv.rss() / 2**20, 1), "tcp_inuse": kernel_mem().get("tcp_inuse"),
+                        "clients_rss_mib": round(crss / 2**20, 1)})
+        except (OSError, ValueError, KeyError, TimeoutError) as e:
+            log(f"timeline sample failed: {e}")
+        try:
+            await asyncio.wait_for(stop.wait(), every)
+        except TimeoutError:
+            pass
+
+
+def accept_rates(tl: list[dict[str, object]]) -> dict[str, object]:
+    """Streams/s while opening, from the timeline: the mean between 5 % and 95 % of the final
+    count, and the best interval."""
+    if len(tl) < 2:
+        return {}
+    n = int(tl[-1]["streams_open"])  # type: ignore[call-overload]
+    lo = next((p for p in tl if int(p["streams_open"]) >= 0.05 * n), tl[0])  # type: ignore[call-overload]
+    hi = next((p for p in tl if int(p["streams_open"]) >= 0.95 * n), tl[-1])  # type: ignore[call-overload]
+    dt = float(hi["t_s"]) - float(lo["t_s"])  # type: ignore[arg-type]
+    steps = [(int(b["streams_open"]) - int(a["streams_open"])) / (float(b["t_s"]) - float(a["t_s"]))  # type: ignore[call-overload, arg-type]
+             for a, b in zip(tl, tl[1:], strict=False) if float(b["t_s"]) > float(a["t_s"])]  # type: ignore[arg-type]
+    return {"mean_5_95_per_s": round((int(hi["streams_open"]) - int(lo["streams_open"])) / dt) if dt > 0 else None,  # type: ignore[call-overload]
+            "best_interval_per_s": round(max(steps)) if steps else None}
+
+
+def host_limits() -> dict[str, object]:
+    """The limits a capacity run depends on, as they were."""
+    import resource
+
+    out: dict[str, object] = {"nofile": resource.getrlimit(resource.RLIMIT_NOFILE)}
+    for k in ("net/ipv4/ip_local_port_range", "net/core/somaxconn", "net/ipv4/tcp_max_syn_backlog",
+              "fs/file-max", "fs/nr_open", "net/ipv4/tcp_mem"):
+        try:
+            with open(f"/proc/sys/{k}") as f:
+                out[k.replace("/", ".")] = f.read().split()
+        except OSError:
+            pass
+    return out
+
+
+async def publish_to_all(clients: HbClients, port: int, topic: str, n: int, conns: int) -> dict[str, object]:
+    """Switch every stream to counting events, publish ``n`` events (one POST each, 0.5 s
+    apart) to ``topic`` and wait until every stream has them (or 60 s, or 5 s without
+    progress)."""
+    await clients.cmd(f"sample {conns}")
+    await clients.cmd("mark")
+    pub = Publisher(port, 1)
+    await pub.connect()
+    statuses = []
+    t0 = time.monotonic()
+    try:
+        for k in range(n):
+            status, _ = await pub.post(ticker_body(topic.encode())(1, k)[0])
+            statuses.append(status)
+            await asyncio.sleep(0.5)
+        t_posted = time.monotonic()
+        snap = await run.wait_delivered(clients, n, timeout=60)
+    finally:
+        pub.close()
+    log(f"published {n} events ({statuses}) in {t_posted - t0:.1f} s; every stream had them "
+        f"{time.monotonic() - t_posted:.1f} s later: min {snap['min']} max {snap['max']} per stream")
+    return {"published": n, "post_status": statuses, "per_conn_min": snap["min"], "per_conn_max": snap["max"],
+            "sum": snap["sum"], "expected_sum": n * clients.ok, "open": snap["open"],
+            "post_s": round(t_posted - t0, 1), "delivered_after_last_post_s": round(time.monotonic() - t_posted, 1)}
+
+
 async def cmd_capacity(args: argparse.Namespace) -> None:
     if args.conns / args.procs > 19_000:
         raise SystemExit(f"{args.conns} connections over {args.procs} processes exceed the 20,000 open files per process")
-    args.server_arg = [*(args.server_arg or []), "--heartbeat-interval", args.heartbeat]
+    # Listening ports below the ephemeral range (the clients' ports are 32768-60999).
+    args.server_arg = [*(args.server_arg or []), "--heartbeat-interval", args.heartbeat,
+                       "--max-connections", str(args.max_connections or 19_000 * args.workers),
+                       "--port", str(free_port()), "--admin-port", str(free_port())]
     rs = start_redis(args, "cap")
     env = ScaleEnv(args, f"capacity{args.workers}", args.conns, args.topic, 0, args.workers, rs)
     clients: HbClients | None = None
     row: dict[str, object] = {"conns_requested": args.conns, "workers": args.workers, "topic": args.topic,
-                              "heartbeat": args.heartbeat, "hold_s": args.hold, "conditions": conditions(args, args.workers)}
+                              "heartbeat": args.heartbeat, "hold_s": args.hold, "conditions": conditions(args, args.workers),
+                              "command": "bench/scale.py " + " ".join(sys.argv[1:]), "machine": {"cpus": os.cpu_count()},
+                              "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "server_code": SERVER_CODE,
+                              "limits": host_limits()}
+    timeline: list[dict[str, object]] = []
     try:
         await env.start_server()
         srv, admin = env.srv, env.admin
@@ -682,12 +800,28 @@ async def cmd_capacity(args: argparse.Namespace) -> None:
         row["rss_base_mib"] = round(base / 2**20, 1)
         row["rss_base_parts_mib"] = {k: round(v / 2**20, 1) for k, v in srv.rss_parts().items()}
         redis_base = redis_summary(rs)
+        kmem0 = kernel_mem()
+        wpids = srv.workers()
+        wcpu0 = sum(proc_cpu(w) for w in wpids)
         t0 = time.monotonic()
-        clients = await HbClients.start_hb(srv.port, args.conns, args.procs, args.topic, args.client_core,
-                                           max_life=args.hold + 1200)
-        ok = clients.ok
-        st = await run.wait_streams(admin, ok, timeout=600)  # type: ignore[arg-type]
-        row["open_s"] = round(time.monotonic() - t0, 1)
+        clients = HbClients()
+        stop_tl = asyncio.Event()
+        tl_task = asyncio.create_task(opening_timeline(admin, srv, clients, t0, stop_tl, args.sample_every,
+                                                       timeline))
+        try:
+            await HbClients.start_hb(srv.port, args.conns, args.procs, args.topic, args.client_core,
+                                     max_life=args.hold + 1200, into=clients)
+            ok = clients.ok
+            st = await run.wait_streams(admin, ok, timeout=600)  # type: ignore[arg-type]
+            row["open_s"] = round(time.monotonic() - t0, 1)
+            await asyncio.sleep(min(2.0, 2 * args.sample_every))  # one more sample at the full count
+        finally:
+            stop_tl.set()
+            await tl_task
+        row["accept_rate"] = {"overall_per_s": round(ok / max(1e-9, float(row["open_s"]))),  # type: ignore[arg-type]
+                              **accept_rates(timeline)}
+        row["open_cpu_s"] = {"workers": round(sum(proc_cpu(w) for w in wpids) - wcpu0, 1),
+                             "clients": round(sum(proc_cpu(c) for c in clients.pids), 1)}
         row["connected"] = ok
         row["connect_failed"] = args.conns - ok
         row["connect_errors"] = [r.get("errors") for r in clients.ready]
@@ -699,6 +833,13 @@ async def cmd_capacity(args: argparse.Namespace) -> None:
         row["rss_idle_parts_mib"] = {k: round(v / 2**20, 1) for k, v in parts.items()}
         row["rss_per_conn_bytes"] = round((idle - base) / max(1, ok))
         row["rss_total_per_conn_bytes"] = round(idle / max(1, ok))
+        kmem1 = kernel_mem()
+        row["kernel_before"] = kmem0
+        row["kernel_open"] = kmem1
+        row["kernel"] = kernel_delta(kmem0, kmem1, ok)
+        crss = sum(proc_rss(c) for c in clients.pids)
+        row["clients_rss_mib"] = round(crss / 2**20, 1)
+        row["clients_rss_per_conn_bytes"] = round(crss / max(1, ok))
         # Heartbeats: every connection must receive them while idle.
         pids = {"server": srv.pid, "coordinator": os.getpid(), **{f"client{i}": p for i, p in enumerate(clients.pids)}}
         cpu = ScaleCpuSampler(pids)
@@ -729,6 +870,8 @@ async def cmd_capacity(args: argparse.Namespace) -> None:
             row["admin_topic_subscribers"] = str(e)
         row["redis_before"] = redis_base
         row["redis"] = redis_summary(rs)
+        if args.events and "{i}" not in args.topic:
+            row["events"] = await publish_to_all(clients, srv.port, args.topic, args.events, args.conns)
         why = []
         if ok < args.conns:
             why.append(f"{args.conns - ok} connections failed")
@@ -738,6 +881,9 @@ async def cmd_capacity(args: argparse.Namespace) -> None:
             why.append(f"a connection got {snap['min']} heartbeats in {args.hold} s (< {expect_min})")
         if int(snap["lost"]) or int(snap["open"]) < ok:  # type: ignore[call-overload]
             why.append(f"{snap['lost']} connections closed")
+        ev: dict[str, object] = row.get("events") or {}  # type: ignore[assignment]
+        if ev and int(ev["per_conn_min"]) < args.events:  # type: ignore[call-overload]
+            why.append(f"a connection got {ev['per_conn_min']} of the {args.events} events published")
         row["verdict"] = why or "ok"
         log(f"capacity: {ok} streams {row['streams_per_worker']}, RSS {row['rss_idle_mib']} MiB "
             f"({row['rss_per_conn_bytes']} B/conn), heartbeats {row['heartbeats']} -> {row['verdict']}")
@@ -747,7 +893,14 @@ async def cmd_capacity(args: argparse.Namespace) -> None:
         await env.close()
         stop_redis(rs)
     row["server_log_problems"] = env.problems[:20]
+    row["timeline"] = timeline
     emit_scale("scale_capacity", row)
+    out = RESULTS / f"capacity-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "capacity.json").write_text(json.dumps(row, indent=1) + "\n")
+    import plots
+
+    log(f"wrote {out / 'capacity.json'} and {[str(p) for p in plots.draw_capacity(out, row)]}")
 
 
 # -- command line --------------------------------------------------------------------------
@@ -809,6 +962,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(e.g. user.{i}: one topic per stream)")
     p.add_argument("--heartbeat", default="5s", help="--heartbeat-interval of the gateway (seconds, 'Ns')")
     p.add_argument("--hold", type=float, default=30, help="seconds the streams are held and heartbeats counted")
+    p.add_argument("--max-connections", type=int, default=0,
+                   help="--max-connections of the gateway, split over the workers (default 19,000 per worker)")
+    p.add_argument("--events", type=int, default=3,
+                   help="after the hold, publish this many events to the (single) topic and check every stream got them")
+    p.add_argument("--sample-every", type=float, default=1.0,
+                   help="seconds between samples of streams open and RSS while opening (the plots' points)")
     return ap
 
 
