@@ -30,6 +30,11 @@ class HbSub(client.Sub):
     __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
+        # uvloop keeps the bound data_received of connection_made: after `sample K` changed
+        # this stream's class, the method of the new class must be called from here.
+        if type(self) is not HbSub:
+            type(self).data_received(self, data)
+            return
         if self.state != client.STREAM:
             self._head(data)
             return
