@@ -12,3 +12,5 @@ $PY bench/scale.py rediscost --subs 10000 --rates 100 1000                # one 
 $PY bench/scale.py rediscost --subs 1000 --rates 100 1000                 # ... with the server core not saturated
 $PY bench/scale.py capacity --conns 60000 --procs 4 --workers 4 --topic idle        # 60k idle, one topic
 $PY bench/scale.py capacity --conns 60000 --procs 4 --workers 4 --topic 'user.{i}'  # 60k idle, a topic each
+$PY bench/scale.py capacity --conns 150000 --procs 8 --workers 10 --hold 60 --heartbeat 15s \
+    --client-core 0,1 --sample-every 0.5 --quiet-wait 0                         # 150k idle over 10 workers
