@@ -311,6 +311,9 @@ def set_sample(conns: list[Sub], k: int, app: App) -> None:
             c.tail = b""
             c.rest = b""
             c.__class__ = want
+            # uvloop keeps the bound data_received it took at connection_made: hand the
+            # transport the protocol again so that it takes the new class's method.
+            c.tr.set_protocol(c)
 
 
 def out(obj: dict[str, object]) -> None:
