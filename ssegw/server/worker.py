@@ -153,9 +153,10 @@ class Worker(Context):
         if public_socks is None:
             public_socks = [bind_socket(cfg.host, cfg.port, backlog=cfg.backlog)]
         nofile, self.fd_capacity = descriptor_budget()
-        if 0 < cfg.max_connections and self.fd_capacity < cfg.max_connections:
-            log.warning("max_connections is %d but the open-files limit (%d) leaves room for %d public "
-                        "connections in this worker", cfg.max_connections, nofile, self.fd_capacity)
+        # (A supervisor's own admin worker serves no public listener: nothing to warn about.)
+        if public_socks and 0 < cfg.max_connections and self.fd_capacity < cfg.max_connections:
+            log.warning("max_connections gives this worker %d connections but the open-files limit (%d) leaves "
+                        "room for %d public connections in it", cfg.max_connections, nofile, self.fd_capacity)
         tls = tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_min_version, cfg.tls_ciphers) if cfg.tls_cert else None
         proxy = None
         if cfg.proxy_protocol:
