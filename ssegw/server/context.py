@@ -327,6 +327,29 @@ class Context:
             return p.ip
         return client_ip(p.ip, req.field_list(b"x-forwarded-for"), trusted)
 
+    def admit_stream(self, p: HTTPProtocol, req: Request) -> str:
+        """Admission of a stream (``/events`` or a proxy route), before any token is
+        verified -- a denied or rate-limited address must not make us run signature checks.
+        Returns the client's address.
+
+        A connection counted when it was accepted holds its per-IP slot already; one from a
+        trusted proxy is counted here, per forwarded client, for as long as its stream lives.
+
+        Raises:
+            ProtocolError: the refusal (counted).
+        """
+        ip = self.client_ip(p, req)
+        counted = p.held_ip
+        try:
+            self.admission.admit(ip, self.connections_open - 1, self.now_ms(), self.draining, counted)
+        except ProtocolError as e:
+            self.count_refusal(e)
+            raise
+        if not counted:
+            p.ip = ip
+            p.held_ip = True
+        return ip
+
     def subscribe(self, p: HTTPProtocol, topics: tuple[str, ...]) -> None:
         ups = self.upstreams
         for t in self.table.subscribe(p, topics):

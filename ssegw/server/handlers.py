@@ -181,20 +181,9 @@ def parse_subscribe(w: Context, req: Request, query: bytes) -> tuple[tuple[str, 
 def open_stream(w: Context, p: HTTPProtocol, req: Request, query: bytes) -> None:
     topics, since, last_id, qtoken = parse_subscribe(w, req, query)
     after = parse_id(last_id) if last_id is not None else None
-    # Admission before token verification: a denied or rate-limited address must not be
-    # able to make us run signature checks.
-    ip = _client_ip(w, p, req)
-    # A connection counted when it was accepted holds its per-IP slot already; one from a
-    # trusted proxy is counted here, per forwarded client, for as long as its stream lives.
-    counted = p.held_ip
-    try:
-        w.admission.admit(ip, w.connections_open - 1, w.now_ms(), w.draining, counted)
-    except ProtocolError as e:
-        w.count_refusal(e)
-        raise
-    if not counted:
-        p.ip = ip
-        p.held_ip = True
+    # Admission before token verification (Context.admit_stream).
+    counted = p.held_ip  # the per-IP slot was taken at accept (else admit_stream takes it here)
+    ip = w.admit_stream(p, req)
     principal = None
     if w.subscribe_auth:
         token = w.auth.token_from(_header(req, b"authorization"), qtoken, _header(req, b"cookie"))

@@ -160,16 +160,8 @@ def open_proxy(w: Context, p: HTTPProtocol, req: Request, route: RouteRule, path
     headers: dict[bytes, bytes] = {}
     for k, v in req.headers:
         headers.setdefault(k, v)
-    ip = w.client_ip(p, req)
-    counted = p.held_ip
-    try:
-        w.admission.admit(ip, w.connections_open - 1, w.now_ms(), w.draining, counted)
-    except ProtocolError as e:
-        w.count_refusal(e)
-        raise
-    if not counted:
-        p.ip = ip
-        p.held_ip = True
+    counted = p.held_ip  # the per-IP slot was taken at accept (else admit_stream takes it here)
+    ip = w.admit_stream(p, req)
     if w.subscribe_auth:
         authz = headers.get(b"authorization")
         cookie = headers.get(b"cookie")
