@@ -200,7 +200,10 @@ class RedisBroker(Listener):
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._idle: set[str] = set()  # topics to unsubscribe on the next pass
         self._requests = itertools.count(1)
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
+        # os.urandom, not random: the publish request tokens are made from this id, and a
+        # seeded `random` (a test framework's, or an application's) would give two brokers
+        # of one process the same tokens -- a publish would get another's ids back.
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self._presence = Presence(self.worker_id)
         self.reconnects = 0
         self.publish_errors = 0
