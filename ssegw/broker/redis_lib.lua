@@ -150,42 +150,62 @@ local function keyed_keys(skey)
   return prefix .. ':kz:' .. topic, prefix .. ':kv:' .. topic
 end
 
--- Record an event as its key's newest (see "Keyed state" above).  `old`: entries at or under
--- this seq are older than the ttl; `floor0`: the floor of a keyed state created now.
-local function keyed_put(skey, seq, now, has_key, key, body, maxkeys, ttl, old, floor0)
-  local zkey, hkey = keyed_keys(skey)
-  local floor = tonumber(redis.call('HGET', hkey, 'f') or floor0)
-  local top = floor
-  if maxkeys <= 0 then
-    top = seq  -- nothing is kept: every event is evicted as it arrives
-  else
-    local member = 'n'
-    if has_key == '1' then member = 'k' .. key end
-    redis.call('ZADD', zkey, seq, member)
-    redis.call('HSET', hkey, member, seq .. ':' .. now .. ':' .. body)
-    local n = redis.call('ZCARD', zkey)
-    if n > maxkeys then
-      local gone = redis.call('ZPOPMIN', zkey, n - maxkeys)
-      for j = 1, #gone, 2 do
-        redis.call('HDEL', hkey, gone[j])
-        top = math.max(top, tonumber(gone[j + 1]))
-      end
-    end
-    if old > 0 then
-      local aged = redis.call('ZRANGEBYSCORE', zkey, '-inf', old, 'WITHSCORES')
-      if aged[1] then
-        for j = 1, #aged, 2 do
-          redis.call('HDEL', hkey, aged[j])
-          top = math.max(top, tonumber(aged[j + 1]))
-        end
-        redis.call('ZREMRANGEBYSCORE', zkey, '-inf', old)
-      end
+-- Record an event as its key's newest (see "Keyed state" above).  `st` is the topic's state
+-- within this call (keyed_begin): the floor and the expiry are read and written once per
+-- topic and call (keyed_end), so a batch costs two commands per message (HSET, ZADD).
+-- `old`: entries at or under this seq are older than the ttl.
+local function keyed_put(st, seq, now, has_key, key, body, old)
+  if st.maxkeys <= 0 then return end
+  local zkey, hkey = st.zkey, st.hkey
+  local member = 'n'
+  if has_key == '1' then member = 'k' .. key end
+  redis.call('HSET', hkey, member, seq .. ':' .. now .. ':' .. body)
+  -- Only a new key can take the count past max_keys (an update replaces its entry).
+  local n = 0
+  if redis.call('ZADD', zkey, seq, member) == 1 then n = redis.call('ZCARD', zkey) end
+  if n > st.maxkeys then
+    local gone = redis.call('ZPOPMIN', zkey, n - st.maxkeys)
+    for j = 1, #gone, 2 do
+      redis.call('HDEL', hkey, gone[j])
+      st.top = math.max(st.top, tonumber(gone[j + 1]))
     end
   end
-  redis.call('HSET', hkey, 'f', top)
-  if ttl > 0 then
-    redis.call('PEXPIRE', zkey, ttl + 60000)
-    redis.call('PEXPIRE', hkey, ttl + 60000)
+  if old > st.aged then
+    st.aged = old
+    local aged = redis.call('ZRANGEBYSCORE', zkey, '-inf', old, 'WITHSCORES')
+    if aged[1] then
+      for j = 1, #aged, 2 do
+        redis.call('HDEL', hkey, aged[j])
+        st.top = math.max(st.top, tonumber(aged[j + 1]))
+      end
+      redis.call('ZREMRANGEBYSCORE', zkey, '-inf', old)
+    end
+  end
+end
+
+-- A topic's keyed state at its first message in this call.  `floor0`: the floor of a keyed
+-- state created now.  max_keys 0: no keyed state; what an earlier max_keys left is dropped,
+-- so that a stale state never claims to cover changes it did not see (a stream without a
+-- keyed state is not covered by one: keyed_after).
+local function keyed_begin(skey, maxkeys, ttl, floor0)
+  local zkey, hkey = keyed_keys(skey)
+  local st = {zkey = zkey, hkey = hkey, maxkeys = maxkeys, ttl = ttl, aged = 0}
+  if maxkeys <= 0 then
+    redis.call('DEL', zkey, hkey)
+    return st
+  end
+  st.stored = redis.call('HGET', hkey, 'f')
+  st.floor = tonumber(st.stored or floor0)
+  st.top = st.floor
+  return st
+end
+
+local function keyed_end(st)
+  if st.maxkeys <= 0 then return end
+  if not st.stored or st.top > st.floor then redis.call('HSET', st.hkey, 'f', st.top) end
+  if st.ttl > 0 then
+    redis.call('PEXPIRE', st.zkey, st.ttl + 60000)
+    redis.call('PEXPIRE', st.hkey, st.ttl + 60000)
   end
 end
 
@@ -200,21 +220,28 @@ local function publish(keys, args)
   local retention = tonumber(args[2])
   local done = redis.call('GET', keys[4])
   if done then return cjson.decode(done) end
-  -- Check every key before the first write: a batch is all or nothing.
+  -- Check every key before the first write: a batch is all or nothing.  (Once per topic:
+  -- a batch often holds many messages of a few topics.)
+  local checked = {}
   for i = 1, n do
-    local t = redis.call('TYPE', keys[4 + i])['ok']
-    if t ~= 'none' and t ~= 'stream' then
-      return redis.error_reply('WRONGTYPE history key ' .. keys[4 + i] .. ' is a ' .. t)
-    end
-    local zkey, hkey = keyed_keys(keys[4 + i])
-    local tz, th = redis.call('TYPE', zkey)['ok'], redis.call('TYPE', hkey)['ok']
-    if (tz ~= 'none' and tz ~= 'zset') or (th ~= 'none' and th ~= 'hash') then
-      return redis.error_reply('WRONGTYPE keyed state of ' .. keys[4 + i] .. ' is a ' .. tz .. '/' .. th)
+    local skey = keys[4 + i]
+    if not checked[skey] then
+      checked[skey] = true
+      local t = redis.call('TYPE', skey)['ok']
+      if t ~= 'none' and t ~= 'stream' then
+        return redis.error_reply('WRONGTYPE history key ' .. skey .. ' is a ' .. t)
+      end
+      local zkey, hkey = keyed_keys(skey)
+      local tz, th = redis.call('TYPE', zkey)['ok'], redis.call('TYPE', hkey)['ok']
+      if (tz ~= 'none' and tz ~= 'zset') or (th ~= 'none' and th ~= 'hash') then
+        return redis.error_reply('WRONGTYPE keyed state of ' .. skey .. ' is a ' .. tz .. '/' .. th)
+      end
     end
   end
   local now = now_ms()
   local epoch = epoch_of(keys[2], now)
   local out = {epoch}
+  local kstate, korder = {}, {}  -- keyed state per stream key of this call, in first-use order
   local clock = keys[3]
   for i = 1, n do
     local base = 2 + (i - 1) * 6
@@ -247,11 +274,17 @@ local function publish(keys, args)
     if ttl > 0 then
       redis.call('PEXPIRE', skey, ttl + 60000)
     end
-    -- A keyed state created now starts where a fresh stream does (`gone`), or, beside a
-    -- stream that already held events (written before keyed state existed), past them all.
-    local floor0 = gone
-    if not fresh then floor0 = seq - i end
-    keyed_put(skey, seq, now, has_key, key, body, maxkeys, ttl, old, floor0)
+    local st = kstate[skey]
+    if not st then
+      -- A keyed state created now starts where a fresh stream does (`gone`), or, beside a
+      -- stream that already held events (written before keyed state existed), past them all.
+      local floor0 = gone
+      if not fresh then floor0 = seq - i end
+      st = keyed_begin(skey, maxkeys, ttl, floor0)
+      kstate[skey] = st
+      korder[#korder + 1] = skey
+    end
+    keyed_put(st, seq, now, has_key, key, body, old)
     local klen = -1
     if has_key == '1' then klen = string.len(key) end
     local payload = seq .. ':' .. now .. ':' .. klen .. ':' .. (has_key == '1' and key or '') .. body
@@ -263,6 +296,7 @@ local function publish(keys, args)
     end
     out[i + 1] = seq
   end
+  for _, skey in ipairs(korder) do keyed_end(kstate[skey]) end
   -- One sample per second at most (CLOCK_STEP): the clock stays small (retention /
   -- 1 s samples) and most calls do not write it; the price is seq_by's ~1 s coarseness.
   local last = redis.call('ZREVRANGE', clock, 0, 0, 'WITHSCORES')
