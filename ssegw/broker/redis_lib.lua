@@ -41,7 +41,8 @@ the stream, so history, keyed state and the sequence never disagree.  Its keys a
 from the stream key (same hash tag, so the same slot on a cluster), which keeps the call's
 documented KEYS unchanged for backends publishing with FCALL.  At most max_keys members (the
 lowest score, i.e. the least recently updated key, is evicted first), and members older than
-the ttl are removed as the stream is trimmed; either raises the floor.  A resume after X is
+the ttl are removed as the stream is trimmed; either raises the floor.  max_keys 0 keeps no
+keyed state at all (the keys are deleted).  A resume after X is
 covered by keyed state when X >= floor and no member above X is older than the ttl; a keyed
 state that is gone (expired with its stream) or was never written while its stream exists
 (written by an older library) covers as little as a gone stream does.
