@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .history import Event
+    from .event import Event
 
 #: Keys kept per topic unless configured otherwise (``max_keys``).
 DEFAULT_MAX_KEYS = 10_000
