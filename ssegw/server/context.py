@@ -350,6 +350,14 @@ class Context:
             p.held_ip = True
         return ip
 
+    def unadmit_stream(self, p: HTTPProtocol, ip: str, counted: bool) -> None:
+        """Give back the per-IP slot ``admit_stream`` took for this stream (``counted``:
+        whether the connection held it already, from its accept), when a refusal follows
+        admission (a bad token)."""
+        if not counted:
+            p.held_ip = False
+            self.admission.per_ip.release(ip)
+
     def subscribe(self, p: HTTPProtocol, topics: tuple[str, ...]) -> None:
         ups = self.upstreams
         for t in self.table.subscribe(p, topics):

@@ -191,9 +191,7 @@ def open_stream(w: Context, p: HTTPProtocol, req: Request, query: bytes) -> None
             principal = w.auth.authorize_subscribe(token, list(topics), time.time())
         except ProtocolError as e:
             w.count_auth_failure(e)
-            if not counted:
-                p.held_ip = False
-                w.admission.per_ip.release(ip)
+            w.unadmit_stream(p, ip, counted)
             raise
     # The head is complete: the head timer's job is done.
     if p.timer is not None:

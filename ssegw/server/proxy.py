@@ -171,8 +171,6 @@ def open_proxy(w: Context, p: HTTPProtocol, req: Request, route: RouteRule, path
             w.auth.authorize_subscribe(token, [], time.time())
         except ProtocolError as e:
             w.count_auth_failure(e)
-            if not counted:
-                p.held_ip = False
-                w.admission.per_ip.release(ip)
+            w.unadmit_stream(p, ip, counted)
             raise
     proxies.open(p, req, route, path, query, headers, ip)
