@@ -136,10 +136,6 @@ def preflight(w: Context, p: HTTPProtocol, req: Request, methods: bytes) -> None
 # -- subscribe --------------------------------------------------------------------------
 
 
-def _client_ip(w: Context, p: HTTPProtocol, req: Request) -> str:
-    return w.client_ip(p, req)
-
-
 def parse_subscribe(w: Context, req: Request, query: bytes) -> tuple[tuple[str, ...], str | None, str | None, str | None]:
     """(topics, since, last_event_id, query_token) from a ``/events`` request; 400 if bad."""
     try:
@@ -336,7 +332,7 @@ def check_head(w: Context, p: HTTPProtocol, req: Request) -> None:
 
 def _publisher(w: Context, p: HTTPProtocol, req: Request) -> tuple[str | None, bool]:
     """(Authorization, loopback) of an allowed publisher; raises the refusal otherwise."""
-    ip = _client_ip(w, p, req)
+    ip = w.client_ip(p, req)
     if not w.admission.ip_filter.allowed(ip):
         w.count_refused("ip_denied")
         raise Forbidden("client address denied", code="ip_denied")
