@@ -72,6 +72,8 @@ class Paced(threading.Thread):
         #: every attempt: (sent, answered, status, shard)
         self.log: list[tuple[float, float, int, int]] = []
         self.unexpected: list[str] = []
+        #: every answer but a 200, for the diagnostics: (sent, answered, status, shard, gateway, body)
+        self.refusals: list[tuple[float, float, int, int, int, bytes]] = []
         self.halt = threading.Event()
 
     def run(self) -> None:
@@ -92,6 +94,9 @@ class Paced(threading.Thread):
                 self.unexpected.append(f"no answer: {e!r}")
             t1 = time.monotonic()
             self.log.append((t0, t1, code, shard_of(t)))
+            if code != 200:
+                self.refusals.append((t0, t1, code, shard_of(t), (i - 1) % len(self.gws),
+                                      r.body[:160] if code > 0 else b""))
             if code in (200, 504):
                 (self.acked if code == 200 else self.maybe)[t].append(nxt[t])
                 nxt[t] += 1
@@ -200,12 +205,20 @@ class Rig:
             br = g.stats()["broker"]
             assert br["up"] and br["gap_lost"] == 0, br
 
-    def diagnostics(self) -> str:
+    def diagnostics(self, since: float | None = None) -> str:
+        """The gateways' Redis log lines and (``since``: a monotonic time) every answer but a
+        200 from then on, with its gateway and body: printed in full, as the assertion
+        message is cut short."""
         out = []
         for i, g in enumerate(self.gws):
             lines = [ln.strip()[:300] for ln in list(g.log) if "redis" in ln]
-            out.append(f"gw{i}: {lines[-8:]}")
-        return "\n".join(out)
+            out.append(f"gw{i}: " + "\n  ".join(lines[-12:]))
+        if since is not None and self.pub is not None:
+            out += [f"+{t0 - since:.2f}..+{t1 - since:.2f} s  {code} shard {k} gw{gw}  {body!r}"
+                    for t0, t1, code, k, gw, body in list(self.pub.refusals) if t1 >= since]
+        text = "\n".join(out)
+        print(text)
+        return text
 
     def check_followed(self, k: int, new: RedisServer) -> None:
         """Both gateways serve shard ``k`` from ``new`` and logged the outage once each way."""
@@ -299,7 +312,12 @@ def test_primary_killed_replica_promoted_acknowledged_events_delivered_once(tmp_
         serve = min(t1 for t0, t1, code, k in log if k == victim and code in (200, 504) and t0 >= t_kill) - t_kill
         report("kill -9", promoted=promoted, first_accepted_after_kill=serve,
                longest_503_run=longest_503_run(log, victim))
-        assert serve <= BOUND, (serve, rig.diagnostics())
+        # The bound counts from the kill: node timeout for the cluster to notice, then 5 s in
+        # which it promotes (~1 s here) and the gateway follows.  On a starved machine the
+        # cluster alone has taken 5 s to promote (node timeout 2 s); the gateway cannot serve
+        # before that, so it is held to the 5 s after the promotion.
+        bound = max(BOUND, promoted + (BOUND - NODE_TIMEOUT_MS / 1000))
+        assert serve <= bound, (serve, bound, rig.diagnostics(t_kill))
         rig.check_delivery()
         rig.check_followed(victim, new)
     finally:
