@@ -489,3 +489,34 @@ def test_topic_budget_forgets_the_least_recently_published_topic() -> None:
         pub(f"spray.{i}")
         pub("ticker")
     assert len(store.topics) == 3 and "ticker" in store.topics
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40), st.integers(1, 4)), min_size=1, max_size=60),
+       st.integers(1, 5), st.sampled_from([0, 7, 30]))
+def test_extend_ages_out_as_append_does(steps, size, ttl_ms) -> None:
+    """The publish path (``HistoryStore.extend``) compares the clock with a cached expiry
+    instead of reading the oldest event; it must keep exactly what ``TopicHistory.append``
+    (which trims by age on every event) keeps: same events, same ``trimmed_upto``."""
+    store = HistoryStore(lambda topic: (size, ttl_ms))
+    ref: dict[str, TopicHistory] = {}
+    now, seq = 0, 0
+    for topic_i, dt, n in steps:
+        now += dt
+        topic = f"t{topic_i}"
+        batch = []
+        for _ in range(n):
+            seq += 1
+            batch.append(Event(topic, seq, now, b"", None))
+        store.extend(batch, now)
+        h = ref.setdefault(topic, TopicHistory(size, ttl_ms))
+        for ev in batch:
+            h.append(ev, now)
+        for name, r in ref.items():
+            got = store.topics.get(name)
+            if got is None:  # forgotten once empty: nothing of it may be left in the reference
+                assert not r.events
+                continue
+            if name == topic:
+                assert seqs(list(got.events)) == seqs(list(r.events)), (name, now)
+                assert got.trimmed_upto == r.trimmed_upto
