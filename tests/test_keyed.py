@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ssegw.broker.memory import MemoryBroker
-from ssegw.core.history import Event
+from ssegw.core.history import Event, HistoryStore
 from ssegw.core.ids import format_id, parse_id
 from ssegw.core.keyed import TopicKeys
 from ssegw.core.publish import parse_message
@@ -241,3 +241,26 @@ def test_every_resume_point_is_replayed_compacted_or_reset_honestly(
         newest = {k: q for q, tt, k in published if tt == t}
         got = [(e.seq, e.key) for e in snap.events if e.topic == t]
         assert len(got) <= max_keys and all(newest[k] == q for q, k in got)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(["a", "b", "c", None]), min_size=1, max_size=5), min_size=1, max_size=30),
+       st.integers(0, 3))
+def test_the_publish_paths_inlined_update_keeps_what_put_keeps(batches: list[list[str | None]], max_keys: int) -> None:
+    """``HistoryStore.extend`` inlines ``TopicKeys.put`` (and its shortcut for an update of
+    the last key): the same keys, in the same order, with the same events and floor."""
+    store = HistoryStore(lambda topic: (1000, 0), max_keys=lambda topic: max_keys)
+    ref = TopicKeys(max_keys, 0)
+    seq = 0
+    for keys in batches:
+        batch = []
+        for key in keys:
+            seq += 1
+            batch.append(Event("t", seq, 0, b"", key))
+        store.extend(batch, 0)
+        for e in batch:
+            ref.put(e)
+        got = store.topics["t"].keys
+        assert got is not None
+        assert [(k, e.seq) for k, e in got.entries.items()] == [(k, e.seq) for k, e in ref.entries.items()]
+        assert got.floor == ref.floor
