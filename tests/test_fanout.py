@@ -69,6 +69,22 @@ def test_publish_without_subscribers_queues_nothing() -> None:
     assert "nobody" not in r.table.topics
 
 
+def test_only_queued_events_are_numbered() -> None:
+    """``Event.n`` orders a flush's events for multi-topic streams; an event nobody here
+    follows is kept (in history) without a number object of its own, and the numbers of
+    queued events still follow the order they were published in."""
+    r = Rig()
+    r.conn("a", "b")
+    evs = [ev(1, "a"), ev(2, "nobody"), ev(3, "b"), ev(4, "nobody"), ev(5, "a")]
+    r.publish(*evs)
+    assert [e.n for e in evs if e.topic == "nobody"] == [0, 0]
+    queued = [e.n for e in evs if e.topic != "nobody"]
+    assert queued == sorted(queued) and len(set(queued)) == 3 and 0 not in queued
+    more = [ev(6, "nobody"), ev(7, "b"), ev(8, "nobody"), ev(9, "a")]
+    r.fan.publish_many(more)  # the worker's path: a whole publish at once
+    assert [e.n for e in more] == [0, queued[-1] + 1, 0, queued[-1] + 2]
+
+
 def test_multi_topic_connection_gets_events_merged_in_seq_order_in_one_write() -> None:
     r = Rig()
     m = r.conn("a", "b", "c")

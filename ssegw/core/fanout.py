@@ -152,12 +152,16 @@ class Fanout:
     # -- publish side ---------------------------------------------------------------
 
     def publish(self, ev: Event) -> int:
-        """Queue ``ev`` for its topic's subscribers.  Returns the writes now queued."""
-        self.arrivals += 1
-        ev.n = self.arrivals
+        """Queue ``ev`` for its topic's subscribers.  Returns the writes now queued.
+
+        Only a queued event is numbered (``n``: a flush's events of several topics go to a
+        stream in that order); one nobody here follows keeps ``n`` 0 -- no int object of its
+        own in history, ~32 bytes an event."""
         ts = self.table.topics.get(ev.topic)
         if ts is None or not ts.count:
             return self.queued_writes
+        self.arrivals += 1
+        ev.n = self.arrivals
         if not ts.batch:
             self.dirty.append(ts)
             self.queued_writes += ts.count
@@ -169,11 +173,11 @@ class Fanout:
         topics = self.table.topics
         n = self.arrivals
         for ev in events:
-            n += 1
-            ev.n = n
             ts = topics.get(ev.topic)
             if ts is None or not ts.count:
                 continue
+            n += 1
+            ev.n = n
             if not ts.batch:
                 self.dirty.append(ts)
                 self.queued_writes += ts.count
