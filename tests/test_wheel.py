@@ -229,6 +229,18 @@ def test_cancelled_timers_are_dropped_from_memory() -> None:
 # -- time jumps ----------------------------------------------------------------------
 
 
+def test_purge_drops_cancelled_timers_at_once_and_keeps_the_rest_in_order() -> None:
+    wheel = TimerWheel(tick_ms=10, now_ms=0, bits=2, levels=3)
+    timers = [wheel.schedule(10 * (1 + i % 40), i, i) for i in range(200)]
+    for t in timers[::2]:
+        wheel.cancel(t)
+    assert stored(wheel) == 200  # lazy
+    assert wheel.purge() == 100
+    assert stored(wheel) == wheel.stored == len(wheel) == 100
+    fired = [t.kind for _, t in walk(wheel, 1000, 10)]
+    assert fired == sorted((i for i in range(1, 200, 2)), key=lambda i: (i % 40, i))
+
+
 def test_big_jump_does_not_walk_every_tick() -> None:
     # 10**12 ticks: a tick-by-tick loop would never finish (the global timeout fails it).
     wheel = TimerWheel(tick_ms=1, now_ms=0)
@@ -394,6 +406,7 @@ ops = st.lists(
         st.tuples(st.just("advance"), st.integers(-30, 300)),
         st.tuples(st.just("advance"), st.integers(300, 200_000)),
         st.tuples(st.just("cancel"), st.integers(0, 10_000)),
+        st.tuples(st.just("purge"), st.just(0)),
     ),
     max_size=120,
 )
@@ -421,6 +434,10 @@ def test_property_against_model(ops: list[tuple[str, int]], tick_ms: int, start:
             rec = recs[arg % len(recs)]
             wheel.cancel(rec.timer)
             rec.cancelled = True
+        elif op == "purge":
+            live = sum(not (r.cancelled or r.fired) for r in recs)
+            wheel.purge()
+            assert stored(wheel) == wheel.stored == live, "purge keeps exactly the live timers"
         elif op == "advance":
             fired = wheel.advance(now + arg)
             if arg < 0:
@@ -436,6 +453,7 @@ def test_property_against_model(ops: list[tuple[str, int]], tick_ms: int, start:
                 assert r.timer.deadline_ms <= now
                 r.fired = True
         assert len(wheel) == sum(not (r.cancelled or r.fired) for r in recs)
+        assert wheel.stored == stored(wheel)
     assert all(r.fired or r.cancelled for r in recs)
     assert stored(wheel) == 0
 

@@ -138,6 +138,29 @@ class TimerWheel:
         if timer.tick != _FIRED:
             self._live -= 1  # it stays in its bucket until that bucket is processed
 
+    def purge(self) -> int:
+        """Drop every cancelled timer now instead of when its bucket comes up; O(stored).
+
+        For after a burst (the worker calls it before handing memory back): a flood of short
+        connections leaves one cancelled timer per connection in buckets seconds or minutes
+        away, small objects allocated in the middle of the burst's memory that would keep
+        it from being returned.  Order within a bucket is kept.  Returns the timers dropped.
+        """
+        dropped = 0
+        for row in self._wheel:
+            for i, bucket in enumerate(row):
+                if bucket:
+                    kept = [t for t in bucket if t.target is not None]
+                    if len(kept) != len(bucket):
+                        dropped += len(bucket) - len(kept)
+                        row[i] = kept
+        if self._due:
+            kept = [t for t in self._due if t.target is not None]
+            dropped += len(self._due) - len(kept)
+            self._due = kept
+        self.stored -= dropped
+        return dropped
+
     def advance(self, now_ms: int) -> list[Timer]:
         """Move the clock to ``now_ms`` and collect what is due.
 

@@ -452,6 +452,9 @@ class Worker(Context):
         self.conn_peak = n
         self.release_at = 0.0
         t0 = time.perf_counter()
+        # The burst's cancelled timers, left in buckets until they come up, go first.
+        if self.wheel is not None:
+            self.wheel.purge()
         # A closed connection's protocol and transport refer to each other: the pair is
         # cyclic garbage, and with GC_THRESHOLDS it would wait for the next full collection.
         full_collect()
