@@ -241,6 +241,29 @@ def test_purge_drops_cancelled_timers_at_once_and_keeps_the_rest_in_order() -> N
     assert fired == sorted((i for i in range(1, 200, 2)), key=lambda i: (i % 40, i))
 
 
+def test_rearm_reuses_a_fired_timer_and_fires_it_again_on_time() -> None:
+    wheel = TimerWheel(tick_ms=10, now_ms=0, bits=2, levels=3)
+    t = wheel.schedule(30, 7, "stream")
+    assert wheel.advance(30) == [t]
+    assert wheel.rearm(t, 250) is t
+    assert len(wheel) == 1 and wheel.stored == stored(wheel) == 1
+    fired = walk(wheel, 400, 10)
+    assert fired == [(250, t)] and (t.kind, t.target, t.deadline_ms) == (7, "stream", 250)
+    assert wheel.rearm(t, 100) is t  # a deadline already passed: the next advance
+    assert wheel.advance(401) == [t]
+
+
+def test_rearm_refuses_a_scheduled_or_cancelled_timer() -> None:
+    wheel = TimerWheel(tick_ms=10, now_ms=0)
+    t = wheel.schedule(30, 1, "x")
+    with pytest.raises(ValueError):
+        wheel.rearm(t, 60)  # still scheduled: it would be in two buckets
+    assert wheel.advance(30) == [t]
+    wheel.cancel(t)
+    with pytest.raises(ValueError):
+        wheel.rearm(t, 60)
+
+
 def test_big_jump_does_not_walk_every_tick() -> None:
     # 10**12 ticks: a tick-by-tick loop would never finish (the global timeout fails it).
     wheel = TimerWheel(tick_ms=1, now_ms=0)

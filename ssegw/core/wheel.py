@@ -112,16 +112,33 @@ class TimerWheel:
         if target is None:
             raise ValueError("target must not be None (None marks a cancelled timer)")
         # Round up so nothing fires early; clamp at 0 so -1 stays free for _FIRED.
-        tick = max(-(-deadline_ms // self._tick_ms), 0)
-        timer = Timer(deadline_ms, kind, target, tick)
+        timer = Timer(deadline_ms, kind, target, max(-(-deadline_ms // self._tick_ms), 0))
+        self._place(timer)
+        return timer
+
+    def rearm(self, timer: Timer, deadline_ms: int) -> Timer:
+        """Schedule again a timer that :meth:`advance` returned (same kind and target),
+        reusing its object: a stream's heartbeat timer is then one object for the stream's
+        whole life, not a new one every interval scattered through memory.  O(1).
+
+        Raises:
+            ValueError: ``timer`` is still scheduled, or cancelled.
+        """
+        if timer.tick != _FIRED or timer.target is None:
+            raise ValueError("only an active timer that advance() returned can be re-armed")
+        timer.deadline_ms = deadline_ms
+        timer.tick = max(-(-deadline_ms // self._tick_ms), 0)
+        self._place(timer)
+        return timer
+
+    def _place(self, timer: Timer) -> None:
         self._live += 1
         self.stored += 1
-        if deadline_ms <= self._now_ms:
+        if timer.deadline_ms <= self._now_ms:
             self._due.append(timer)
         else:  # here tick > self._cur, as the wheel requires
-            level, idx = self._slot(tick)
+            level, idx = self._slot(timer.tick)
             self._wheel[level][idx].append(timer)
-        return timer
 
     def cancel(self, timer: Timer) -> None:
         """Cancel ``timer`` in O(1); idempotent, and harmless on a timer already fired.

@@ -475,7 +475,7 @@ class Worker(Context):
             p.timer = None
             if kind == T_HEARTBEAT:
                 if p.state == STREAM:
-                    self._liveness(p, now)
+                    self._liveness(p, now, t)
             else:
                 self._head_due(p, now)
             return
@@ -512,11 +512,11 @@ class Worker(Context):
             self.count_refused("head_timeout")
             p.refuse(408, "request_timeout", f"request not received within head_timeout ({self.cfg.head_timeout}s)")
 
-    def _liveness(self, p: HTTPProtocol, now: int) -> None:
-        """A stream's one timer: a heartbeat when it has been silent for an interval; for a
-        held stream, the slow-consumer verdict.  It schedules its own next firing only as
-        far as something can be due -- a stalled stream is not looked at again before its
-        stall or grace deadline."""
+    def _liveness(self, p: HTTPProtocol, now: int, t: Timer) -> None:
+        """A stream's one timer (``t``, just fired): a heartbeat when it has been silent for
+        an interval; for a held stream, the slow-consumer verdict.  It re-arms itself only
+        as far as something can be due -- a stalled stream is not looked at again before
+        its stall or grace deadline."""
         wheel = self.wheel
         assert wheel is not None
         if p.wpaused or p.backlog is not None:
@@ -536,13 +536,13 @@ class Worker(Context):
                 if p.state != STREAM:
                     return
             if p.backlog is not None or p.wpaused:
-                p.timer = wheel.schedule(next_check(p, now, self.grace_ms, self.stall_ms), T_HEARTBEAT, p)
+                p.timer = wheel.rearm(t, next_check(p, now, self.grace_ms, self.stall_ms))
                 return
         if now - p.last_write_ms >= self.hb_ms - TICK_MS:
             p.send_stream(HEARTBEAT)
             p.last_write_ms = now
             self.heartbeats += 1
-        p.timer = wheel.schedule(max(p.last_write_ms + self.hb_ms, now + TICK_MS), T_HEARTBEAT, p)
+        p.timer = wheel.rearm(t, max(p.last_write_ms + self.hb_ms, now + TICK_MS))
 
 
 __all__ = ["Worker"]
