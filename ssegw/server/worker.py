@@ -94,6 +94,13 @@ FULL_GC_S = 300.0
 #: drained generation), the memory they held is handed back to the OS (_release_memory).
 RELEASE_AFTER_CLOSED = 1024
 GC_THRESHOLDS = (10_000, 10, 1_000_000_000)
+#: After a drain has nothing else to wait for, how long connections that were accepted but
+#: have not sent a request yet still get to ask (they are answered 503 draining).
+UNASKED_GRACE = 0.5
+#: How long a starting worker waits for its broker before accepting connections anyway.
+BROKER_START_WAIT = 10.0
+#: Seconds a stopping worker gives its broker to close (presence removal, connections).
+BROKER_CLOSE_TIMEOUT = 5.0
 
 
 def age_young() -> None:
@@ -110,13 +117,6 @@ def full_collect() -> int:
         return gc.collect(2)
     finally:
         gc.freeze()
-#: After a drain has nothing else to wait for, how long connections that were accepted but
-#: have not sent a request yet still get to ask (they are answered 503 draining).
-UNASKED_GRACE = 0.5
-#: How long a starting worker waits for its broker before accepting connections anyway.
-BROKER_START_WAIT = 10.0
-#: Seconds a stopping worker gives its broker to close (presence removal, connections).
-BROKER_CLOSE_TIMEOUT = 5.0
 
 
 class Worker(Context):
