@@ -247,8 +247,8 @@ def test_every_resume_point_is_replayed_compacted_or_reset_honestly(
 @given(st.lists(st.lists(st.sampled_from(["a", "b", "c", None]), min_size=1, max_size=5), min_size=1, max_size=30),
        st.integers(0, 3))
 def test_the_publish_paths_inlined_update_keeps_what_put_keeps(batches: list[list[str | None]], max_keys: int) -> None:
-    """``HistoryStore.extend`` inlines ``TopicKeys.put`` (and its shortcut for an update of
-    the last key): the same keys, in the same order, with the same events and floor."""
+    """``HistoryStore.extend`` inlines ``TopicKeys.put``: the same keys, in the same order,
+    with the same events and floor."""
     store = HistoryStore(lambda topic: (1000, 0), max_keys=lambda topic: max_keys)
     ref = TopicKeys(max_keys, 0)
     seq = 0
