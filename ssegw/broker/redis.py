@@ -585,7 +585,10 @@ class RedisBroker(Listener):
                     continue
                 if status == 2:
                     compacted.append(topic)
-                floors[topic] = head
+                # Live events at or under the floor are skipped.  With several shards head is
+                # this worker's watermark, which can be behind the position the client brings
+                # from another gateway: what it already has on this shard must not come again.
+                floors[topic] = max(head, after[1][k]) if after is not None else head
                 evs.extend((seq, ms, topic, key, body) for seq, ms, key, body in raw if seq <= head)
             evs.sort()
             per_shard.append((k, evs))
