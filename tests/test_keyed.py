@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ssegw.broker.memory import MemoryBroker
-from ssegw.core.history import Event, HistoryStore
+from ssegw.core.history import Event, HistoryStore, TopicHistory
 from ssegw.core.ids import format_id, parse_id
 from ssegw.core.keyed import TopicKeys
 from ssegw.core.publish import parse_message
@@ -260,7 +260,78 @@ def test_the_publish_paths_inlined_update_keeps_what_put_keeps(batches: list[lis
         store.extend(batch, 0)
         for e in batch:
             ref.put(e)
-        got = store.topics["t"].keys
-        assert got is not None
-        assert [(k, e.seq) for k, e in got.entries.items()] == [(k, e.seq) for k, e in ref.entries.items()]
-        assert got.floor == ref.floor
+        assert keyed_view(store.topics["t"]) == ([(k, e.seq) for k, e in ref.entries.items()], ref.floor)
+
+
+def keyed_view(h: TopicHistory) -> tuple[list[tuple[str | None, int]], int]:
+    """A topic's keyed state as (key, seq) pairs and floor, read without making it from the
+    ring when it is implied (core/history.py)."""
+    if h.keys is not None:
+        return [(k, e.seq) for k, e in h.keys.entries.items()], h.keys.floor
+    assert h.kmax > 0, "a store with keyed state"
+    return ([(None, h.events[-1].seq)] if h.events else []), h.kfloor
+
+
+STORE_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("pub"), st.lists(st.tuples(st.sampled_from("pqr"), st.sampled_from(["a", "b", None, None])),
+                                          min_size=1, max_size=4), st.integers(0, 60)),
+        st.tuples(st.just("read"), st.sampled_from("pqr"), st.integers(0, 30)),
+        st.tuples(st.just("get"), st.sampled_from("pqr"), st.integers(0, 60)),
+        st.tuples(st.just("sweep"), st.just(""), st.integers(0, 60)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(STORE_OPS, st.integers(1, 3), st.integers(1, 3), st.sampled_from([0, 100]), st.integers(1, 3))
+def test_keyed_state_implied_by_the_ring_answers_as_the_real_one(ops, size: int, max_keys: int, ttl: int,  # noqa: ANN001
+                                                                 max_topics: int) -> None:
+    """Until a topic's first keyed event (or a read), its keyed state is implied by the ring
+    (core/history.py).  The same publishes, reads, age trims, sweeps and forgotten topics on a
+    store that implies it and on one that keeps a TopicKeys for every topic from the start:
+    the same snapshots, changed keys, coverage, floors and counters, every step."""
+    lazy = HistoryStore(lambda t: (size, ttl), max_topics=max_topics, max_keys=lambda t: max_keys)
+    eager = HistoryStore(lambda t: (size, ttl), max_topics=max_topics, max_keys=lambda t: max_keys)
+    eager.imply_keys = False
+    seq = now = 0
+
+    def same(topic: str, s: int) -> None:
+        assert lazy.covers(topic, s) == eager.covers(topic, s)
+        assert lazy.keyed_covers(topic, s) == eager.keyed_covers(topic, s), (topic, s)
+
+    for op, arg, n in ops:
+        if op == "pub":
+            now += n
+            batch = []
+            for topic, key in arg:
+                seq += 1
+                batch.append(Event(topic, seq, now, b"", key))
+            lazy.extend(batch, now)
+            eager.extend(batch, now)
+        elif op == "get":
+            now += n
+            hl, he = lazy.get(arg, now), eager.get(arg, now)
+            assert (hl is None) == (he is None)
+            if hl is not None and he is not None:
+                assert hl.keyed_count() == he.keyed_count()
+                assert [e.seq for e in hl.events] == [e.seq for e in he.events]
+        elif op == "sweep":
+            now += n
+            assert lazy.sweep(now) == eager.sweep(now)
+        else:
+            hl, he = lazy.topics.get(arg), eager.topics.get(arg)
+            assert (hl is None) == (he is None)
+            if hl is not None and he is not None:
+                kl, ke = hl.keyed(), he.keyed()
+                assert kl is not None and ke is not None
+                assert [(e.seq, e.key) for e in kl.snapshot(seq)] == [(e.seq, e.key) for e in ke.snapshot(seq)]
+                s = min(n, seq)
+                assert [e.seq for e in kl.changed_after(s, seq)] == [e.seq for e in ke.changed_after(s, seq)]
+                assert kl.floor == ke.floor
+        for topic in "pqr":
+            for s in range(seq + 1):
+                same(topic, s)
+        assert lazy.keyed_counts == eager.keyed_counts
+        assert lazy.forgotten_upto == eager.forgotten_upto and lazy.evicted == eager.evicted

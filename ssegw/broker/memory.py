@@ -116,7 +116,7 @@ class MemoryBroker(LocalLeases):
             evs.sort(key=_seq)
             return Replay(evs, [], floors)
         if since == "snapshot":
-            lists = [h.keys.snapshot(head) for h in hist.values() if h is not None and h.keys is not None]
+            lists = [k.snapshot(head) for h in hist.values() if h is not None and (k := h.keyed()) is not None]
             return Replay(_merge(lists), [], floors)
         lists = [h.all(head) for h in hist.values() if h is not None]
         return Replay(_merge(lists), [], floors)
@@ -134,16 +134,16 @@ class MemoryBroker(LocalLeases):
                 if h is None:
                     continue  # nothing published after s (the store forgot the topic's past)
                 evs = h.after(s, head)
-                keys = h.keys
-                if (len(evs) > 1 and keys is not None and self._keyed(t)[1] and keys.covers(s)
-                        and keys.count_changed_after(s, len(evs)) < len(evs)):
+                keys = h.keyed() if len(evs) > 1 and self._keyed(t)[1] else None
+                if keys is not None and keys.covers(s) and keys.count_changed_after(s, len(evs)) < len(evs):
                     compacted.append(t)
                     evs = keys.changed_after(s, head)
                 lists.append(evs)
             elif store.keyed_covers(t, s):
                 compacted.append(t)
-                if h is not None and h.keys is not None:
-                    lists.append(h.keys.changed_after(s, head))
+                keys = h.keyed() if h is not None else None
+                if keys is not None:
+                    lists.append(keys.changed_after(s, head))
             else:
                 reset.append(t)
         floors = {t: head for t in hist if t not in reset}
@@ -162,7 +162,7 @@ class MemoryBroker(LocalLeases):
 
     async def keys(self, topic: str) -> int:
         h = self.history.get(topic, self._clock_ms())
-        return len(h.keys.entries) if h is not None and h.keys is not None else 0
+        return h.keyed_count() if h is not None else 0
 
     def presence(self, counts: dict[str, int]) -> None:
         """One process: its own counts are the whole picture."""

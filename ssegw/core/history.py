@@ -12,6 +12,17 @@ a topic it no longer knows stays conservative.
 Beside each topic's ring, a store made with ``max_keys`` keeps the topic's keyed state (the
 newest event of every key, ``core/keyed.py``), updated in the same call as the ring and
 trimmed by the same ``history_ttl``; a topic is forgotten only when both are empty.
+
+Until a topic gets its first keyed event (or a reader asks for its keyed state), that state
+is *implied by the ring*: every event so far shares the key ``None``, so the keyed state is
+``{None: newest event}`` -- the ring's last event -- while the ring holds any, and empty
+(with its floor raised to that event, and counted as expired) once the ring has emptied by
+age, which is exactly when the same ``history_ttl`` would have expired that entry.  Nothing
+per publish is spent on it; :meth:`TopicHistory.keyed` makes the real
+:class:`~ssegw.core.keyed.TopicKeys` from the ring when it is needed.  (On the publish path
+the keyed state's update was ~10 % of a batch publish: three more objects touched per
+message, tuning.md "Publish ingest".)  Only for topics with ``history_size`` >= 1 and
+``max_keys`` >= 1; ``tests/test_keyed.py`` holds the two forms to the same answers.
 """
 
 from __future__ import annotations
@@ -25,7 +36,8 @@ from .keyed import TopicKeys
 
 
 class TopicHistory:
-    __slots__ = ("events", "trimmed_upto", "size", "ttl_ms", "touched", "keys")
+    __slots__ = ("events", "trimmed_upto", "size", "ttl_ms", "touched", "keys", "oldest", "kmax", "kfloor",
+                 "kcounts")
 
     def __init__(self, size: int, ttl_ms: int) -> None:
         self.events: deque[Event] = deque()
@@ -34,14 +46,50 @@ class TopicHistory:
         self.ttl_ms = ttl_ms  # 0 = no age limit
         self.touched = 0  # HistoryStore's stamp of the last publish to it
         self.keys: TopicKeys | None = None  # keyed state, when the store keeps it
+        # At most the age stamp of the ring's oldest event (0: unknown), so that a publish
+        # need not read that event -- cold in memory -- to know nothing has aged out yet.
+        # Set by trim(); popping from the front only makes the true value larger.
+        self.oldest = 0
+        # Keyed state implied by the ring (module docstring): its max_keys (> 0 while it is
+        # implied), its floor and the store's [evicted, expired] counters.
+        self.kmax = 0
+        self.kfloor = 0
+        self.kcounts: list[int] | None = None
 
     def append(self, ev: Event, now_ms: int) -> None:
+        keys = self.keys
+        if keys is None and ev.key is not None and self.kmax:
+            keys = self.keyed()  # from the ring as it is before ev
         self.events.append(ev)
         while len(self.events) > self.size:
             self.trimmed_upto = self.events.popleft().seq
-        if self.keys is not None:
-            self.keys.put(ev)
+        if keys is not None:
+            keys.put(ev)
         self.trim(now_ms)
+
+    def keyed(self) -> TopicKeys | None:
+        """The topic's keyed state, made from the ring if it was implied (module docstring);
+        None if the store keeps none."""
+        keys = self.keys
+        if keys is None and self.kmax:
+            keys = self.keys = TopicKeys(self.kmax, self.ttl_ms, self.kfloor, self.kcounts)
+            if self.events:
+                keys.entries[None] = self.events[-1]
+            self.kmax = 0
+        return keys
+
+    def keyed_covers(self, after_seq: int) -> bool:
+        keys = self.keys
+        if keys is not None:
+            return keys.covers(after_seq)
+        return bool(self.kmax) and after_seq >= self.kfloor
+
+    def keyed_count(self) -> int:
+        """How many keys the keyed state holds (without making it from the ring)."""
+        keys = self.keys
+        if keys is not None:
+            return len(keys.entries)
+        return 1 if self.kmax and self.events else 0
 
     def trim(self, now_ms: int) -> None:
         if not self.ttl_ms:
@@ -50,8 +98,15 @@ class TopicHistory:
             self.keys.trim(now_ms)
         horizon = now_ms - self.ttl_ms
         events = self.events
-        while events and events[0].ts_ms < horizon:
-            self.trimmed_upto = events.popleft().seq
+        if events and events[0].ts_ms < horizon:
+            while events and events[0].ts_ms < horizon:
+                self.trimmed_upto = events.popleft().seq
+            if not events and self.kmax:
+                # The implied keyed state's one entry, the newest event, expired with it.
+                if self.trimmed_upto > self.kfloor:
+                    self.kfloor = self.trimmed_upto
+                self.kcounts[1] += 1  # type: ignore[index]
+        self.oldest = events[0].ts_ms if events else 0
 
     def covers(self, after_seq: int) -> bool:
         return after_seq >= self.trimmed_upto
@@ -102,6 +157,9 @@ class HistoryStore:
         self.max_topics = max_topics
         self.forgotten_upto = 0
         self.evicted = 0
+        #: False: every topic gets its TopicKeys at once (the reference the tests compare
+        #: the implied form with).
+        self.imply_keys = True
 
     def append(self, ev: Event, now_ms: int) -> None:
         topic = ev.topic
@@ -117,7 +175,11 @@ class HistoryStore:
         h = self.topics[topic] = TopicHistory(size, ttl_ms)
         h.trimmed_upto = self.forgotten_upto
         if self._max_keys is not None:
-            h.keys = TopicKeys(self._max_keys(topic), ttl_ms, self.forgotten_upto, self.keyed_counts)
+            max_keys = self._max_keys(topic)
+            if max_keys >= 1 and size >= 1 and self.imply_keys:
+                h.kmax, h.kfloor, h.kcounts = max_keys, self.forgotten_upto, self.keyed_counts
+            else:
+                h.keys = TopicKeys(max_keys, ttl_ms, self.forgotten_upto, self.keyed_counts)
         recent = self._recent
         if len(recent) >= self.max_topics:
             self._forget(self._least_recent())
@@ -145,11 +207,13 @@ class HistoryStore:
             if h is None:
                 h = self._new_topic(ev.topic)
             h.touched = stamp
+            keys = h.keys
+            if keys is None and ev.key is not None and h.kmax:
+                keys = h.keyed()  # the first keyed event: from the ring as it is before ev
             q = h.events
             q.append(ev)
             while len(q) > h.size:
                 h.trimmed_upto = q.popleft().seq
-            keys = h.keys
             if keys is not None:
                 # TopicKeys.put, inlined.  Keyed entries are aged by trim() (replays, sweeps,
                 # an aged ring front): until then an expired entry only costs memory that
@@ -160,7 +224,7 @@ class HistoryStore:
                 keys.snap = None
                 if len(entries) > keys.max_keys:
                     keys.evict()
-            if h.ttl_ms and q and q[0].ts_ms < now_ms - h.ttl_ms:
+            if h.ttl_ms and h.oldest < now_ms - h.ttl_ms:
                 h.trim(now_ms)
 
     def _forget(self, topic: str) -> None:
@@ -192,7 +256,7 @@ class HistoryStore:
         h = self.topics.get(topic)
         if h is None:
             return self._max_keys is not None and after_seq >= self.forgotten_upto
-        return h.keys is not None and h.keys.covers(after_seq)
+        return h.keyed_covers(after_seq)
 
     def sweep(self, now_ms: int, budget: int = 10_000) -> int:
         """Trim by age and forget emptied topics, looking at most at ``budget`` topics.
@@ -210,7 +274,7 @@ class HistoryStore:
                 topics[name] = h
                 continue
             del self._recent[name]
-            floor = h.trimmed_upto if keys is None else max(h.trimmed_upto, keys.floor)
+            floor = max(h.trimmed_upto, h.kfloor if keys is None else keys.floor)
             if floor > self.forgotten_upto:
                 self.forgotten_upto = floor
             dropped += 1
