@@ -23,7 +23,12 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
-PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
+#: The interpreter the gateway (and the Python load generators) run on: ``$SSEGW_BENCH_PYTHON``
+#: when set (another venv, e.g. one made by a PGO+LTO-built CPython: tuning.md "The Python
+#: build"), else this checkout's ``.venv``, else the one running the bench.
+PYTHON = (os.environ.get("SSEGW_BENCH_PYTHON")
+          or (str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists()
+              else sys.executable))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 SERVING = re.compile(r"serving on http://[^:]+:(\d+) \(admin http://[^:]+:(\d+)\)")
