@@ -24,8 +24,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 #: The interpreter the gateway (and the Python load generators) run on: ``$SSEGW_BENCH_PYTHON``
-#: when set (another venv, e.g. one made by a PGO+LTO-built CPython: tuning.md "The Python
-#: build"), else this checkout's ``.venv``, else the one running the bench.
+#: when set (another venv, e.g. one made by the distribution's ``python3``: tuning.md
+#: "Publish ingest"), else this checkout's ``.venv``, else the one running the bench.
 PYTHON = (os.environ.get("SSEGW_BENCH_PYTHON")
           or (str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists()
               else sys.executable))

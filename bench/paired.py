@@ -27,9 +27,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import BENCH, PYTHON, Server, emit, log  # noqa: E402
+from common import PYTHON, ROOT, Server, emit, log  # noqa: E402
+from ingest import wrk_cmd  # noqa: E402
 
-WRK = "/usr/bin/wrk"
 RPS = re.compile(r"Requests/sec:\s+([0-9.]+)")
 
 
@@ -58,9 +58,8 @@ def start(spec: str, tag: str) -> tuple[Server, dict[str, str]]:
 def slice_rps(port: int, seconds: int, batch: int, conns: int) -> float:
     script = "publish_single.lua" if batch == 1 else "publish_batch.lua"
     env = {**os.environ, "BATCH": str(batch), "TOPICS": "10000"}
-    out = subprocess.run(["taskset", "-c", "1", WRK, "-t1", f"-c{conns}", f"-d{seconds}s", "-s",
-                          str(BENCH / "wrk" / script), f"http://127.0.0.1:{port}/publish"],
-                         capture_output=True, text=True, env=env, timeout=seconds + 30)
+    out = subprocess.run(wrk_cmd(script, port, seconds, 1, conns), cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=seconds + 30)
     m = RPS.search(out.stdout)
     if m is None or "Non-2xx" in out.stdout or "Socket errors" in out.stdout:
         raise SystemExit(f"wrk against :{port} failed:\n{out.stdout}\n{out.stderr}")

@@ -274,7 +274,7 @@ class HistoryStore:
                 topics[name] = h
                 continue
             del self._recent[name]
-            floor = max(h.trimmed_upto, h.kfloor if keys is None else keys.floor)
+            floor = h.trimmed_upto if keys is None else max(h.trimmed_upto, keys.floor)
             if floor > self.forgotten_upto:
                 self.forgotten_upto = floor
             dropped += 1
