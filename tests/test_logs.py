@@ -387,6 +387,71 @@ def test_info_fields_writes_the_line_logging_would(tmp_path, monkeypatch, fmt, j
     assert out["fast"] == out["logging"] and out["fast"].count("\n") == 1, out
 
 
+@pytest.mark.parametrize("fmt,journald", [("text", False), ("text", True), ("json", False)])
+def test_access_lines_made_from_a_cut_line_are_the_lines_logging_writes(tmp_path, monkeypatch, fmt, journald):
+    """access.request_line makes each line from pieces of one cut per key (logs.info_numbers):
+    for every key and number, the same bytes as logging's own path, which sees the fields."""
+    from ssegw.server import access
+
+    calls = [(b"POST", b"/publish", 200, 0.000123, 117, "127.0.0.1", "", False),
+             (b"POST", b"/publish", 200, 1.5, 99, "127.0.0.1", "", False),  # same key, new numbers
+             (b"POST", b"/publish", 200, 0.0, 0, "127.0.0.1", "", False),
+             (b"GET", b"/events?topic=a&token=SECRET", 401, 0.0123456, 80, "10.0.0.1", "bad_token", False),
+             (b"GET", b"/a b" + b"x" * 300 + b"?token=SECRET", 404, 12.25, 5, "::1", "not_found", False),
+             (None, None, 503, 0.002, 100, "127.0.0.2", "draining", True),
+             (b"POST", b"/publish", 200, 0.000123, 117, "127.0.0.1", "", False)]  # first key again
+    monkeypatch.setattr(logging.time, "time", lambda: 1_700_000_000.0625)
+    monkeypatch.setattr(logs.time, "time", lambda: 1_700_000_000.0625)
+    monkeypatch.setattr(logging.time, "time_ns", lambda: 1_700_000_000_062_500_000)
+    out = {}
+    root = logging.getLogger()
+    level = root.level
+    saved = [h for h in root.handlers if not isinstance(h, logs._Handler)]
+    for h in saved:
+        root.removeHandler(h)
+    try:
+        for way in ("logging", "cut"):
+            path = tmp_path / way
+            with open(path, "w") as f:
+                st = os.fstat(f.fileno())
+                env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"} if journald else {}
+                h = logs.setup(fmt, "info", env, f)
+                logs.buffer_lines(True)
+                try:
+                    with monkeypatch.context() as m:
+                        if way == "logging":  # what logging writes: the same fields, through a record
+                            m.setattr(logs, "_direct", lambda logger: None)
+                        else:
+                            m.setattr(logging.Logger, "makeRecord", None)  # no record on this path
+                        for c in calls:
+                            access.request_line(*c)
+                    logs.flush()
+                    if way == "cut":
+                        assert len(h.formatter.templates) == 4  # one cut per key
+                finally:
+                    logs.buffer_lines(False)
+                    root.removeHandler(h)
+            out[way] = path.read_text()
+    finally:
+        for h in saved:
+            root.addHandler(h)
+        root.setLevel(level)
+    lines = out["cut"].splitlines()
+    assert out["cut"] == out["logging"] and len(lines) == len(calls), out
+    assert "SECRET" not in out["cut"]
+    assert ("duration_ms=1500.0 bytes_out=99 " in lines[1]) if fmt == "text" else ('"duration_ms":1500.0,"bytes_out":99,' in lines[1])
+
+
+def test_a_cut_line_needs_each_number_once():
+    fmt = logs.TextFormatter()
+    with pytest.raises(ValueError):
+        logs._cut(fmt, "x", "m", {"a": logs.HOLES[0]})
+    with pytest.raises(ValueError):
+        logs._cut(fmt, "x", "m", {"b": logs.HOLES[1], "a": logs.HOLES[0]})
+    assert logs._cut(fmt, "x", "m", {"a": logs.HOLES[0], "k": "v", "b": logs.HOLES[1], "z": 1}) == (
+        "INFO x: m a=", " k=v b=", " z=1")
+
+
 def test_buffered_lines_keep_their_order_and_a_warning_is_written_at_once(tmp_path):
     root = logging.getLogger()
     level = root.level

@@ -15,7 +15,8 @@ import logging
 import random
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from typing import cast
 
 from .. import logs
 
@@ -80,20 +81,37 @@ def request_line(method: bytes | None, target: bytes | None, status: int, second
     """Log an answered request (``method``/``target`` None: refused before any request)."""
     if not wanted(status):
         return
+    if target is not None and len(target) > _KEY_TARGET:  # not kept as a key as it is
+        target = path_of(target).encode("latin-1")
+    # Only the duration and the size differ between the lines of one publisher: the rest of
+    # the line is made once per key (logs.info_numbers).
+    # Milliseconds to the microsecond (round(x, 3) costs ~3 times as much, for ties only).
+    logs.info_numbers(access_log, "request", (method, target, status, ip, error, admin), _request_fields,
+                      int(seconds * 1_000_000 + 0.5) / 1000, nbytes)
+
+
+#: Longest target kept as it is in a key of :func:`request_line`'s lines.
+_KEY_TARGET = 256
+
+
+def _request_fields(key: Hashable) -> dict[str, object]:
+    method: bytes | None
+    target: bytes | None
+    method, target, status, ip, error, admin = cast(tuple, key)
     fields: dict[str, object] = {
         "kind": "request",
         "method": method.decode("latin-1") if method is not None else "-",
         "path": path_of(target) if target is not None else "-",
         "status": status,
-        "duration_ms": round(seconds * 1000, 3),
-        "bytes_out": nbytes,
+        "duration_ms": logs.HOLES[0],
+        "bytes_out": logs.HOLES[1],
         "ip": ip,
     }
     if error:
         fields["error"] = error
     if admin:
         fields["listener"] = "admin"
-    logs.info_fields(access_log, "request", fields)
+    return fields
 
 
 def stream_line(seconds: float, topics: Sequence[str], reason: str, ip: str, events: int,
