@@ -901,3 +901,25 @@ def test_a_cached_head_still_gets_the_limits_of_the_current_configuration() -> N
     p, t, w = connect(max_body=100)
     feed(p, [post(b"x" * 500)])
     assert responses(t.data)[0].status == 413
+
+
+@pytest.mark.parametrize("mode", ["whole", "bytewise"])
+def test_a_cached_head_still_gets_the_head_limits_of_the_current_configuration(mode: str) -> None:
+    """max_head_size is configuration too: a head kept under a larger one is refused, whole in
+    one read (the kept-head path) or not, as a head seen for the first time would be."""
+    from ssegw.server import protocol
+
+    protocol._HEADS.clear()
+    long_line = post(b"{}").replace(b"/publish", b"/publish?" + b"q" * 300)
+    big_head = post(b"{}", "X-Pad: " + "p" * 600 + "\r\n")
+    for data in (long_line, big_head):
+        p, t, w = connect(max_head_size=4096)
+        feed(p, [data])
+        assert responses(t.data)[0].status == 200
+    assert len(protocol._HEADS) == 2
+    p, t, w = connect(max_head_size=200)
+    feed(p, MODES[mode](long_line))
+    assert [r.status for r in responses(t.data)] == [414] and t.closed and not w.handled
+    p, t, w = connect(max_head_size=500)
+    feed(p, MODES[mode](big_head))
+    assert [r.status for r in responses(t.data)] == [431] and t.closed and not w.handled

@@ -64,7 +64,8 @@ def _header(req: Request, name: bytes) -> str | None:
 
 
 def handle(w: Context, p: HTTPProtocol, req: Request, body: bytes) -> None:
-    path, _, query = req.target.partition(b"?")
+    path = req.path
+    query = req.query
     method = req.method
     if p.admin:
         _admin(w, p, req, path)
@@ -182,7 +183,7 @@ def open_stream(w: Context, p: HTTPProtocol, req: Request, query: bytes) -> None
     ip = w.admit_stream(p, req)
     principal = None
     if w.subscribe_auth:
-        token = w.auth.token_from(_header(req, b"authorization"), qtoken, _header(req, b"cookie"))
+        token = w.auth.token_from(req.authorization, qtoken, _header(req, b"cookie"))
         try:
             principal = w.auth.authorize_subscribe(token, list(topics), time.time())
         except ProtocolError as e:
@@ -317,7 +318,7 @@ def check_head(w: Context, p: HTTPProtocol, req: Request) -> None:
     Raises:
         ProtocolError: the refusal (the protocol answers it and closes: the body is unread).
     """
-    if p.admin or req.method != b"POST" or req.target.partition(b"?")[0] != b"/publish":
+    if p.admin or req.method != b"POST" or req.path != b"/publish":
         return
     # The head is in: ssegw_publish_duration_seconds starts here (publish() takes it).
     t0 = time.perf_counter()
@@ -336,7 +337,7 @@ def _publisher(w: Context, p: HTTPProtocol, req: Request) -> tuple[str | None, b
     if not w.admission.ip_filter.allowed(ip):
         w.count_refused("ip_denied")
         raise Forbidden("client address denied", code="ip_denied")
-    authz = _header(req, b"authorization")
+    authz = req.authorization
     # The client, not the proxy in front of it: a trusted local reverse proxy must not turn
     # every remote publisher into a loopback one.
     loopback = _is_loopback(ip)
@@ -371,7 +372,7 @@ def publish(w: Context, p: HTTPProtocol, req: Request, body: bytes) -> None:
 
 def _publish(w: Context, p: HTTPProtocol, req: Request, body: bytes, head: tuple[float, str | None, bool]) -> None:
     t0, authz, loopback = head
-    if not _is_json(_header(req, b"content-type")):
+    if not _is_json(req.content_type):
         raise UnsupportedMediaType("Content-Type must be application/json", code="unsupported_media_type")
     try:
         obj = orjson.loads(body)

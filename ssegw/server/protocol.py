@@ -93,17 +93,24 @@ class Request:
     (framing, auth, content type, keep-alive).  Immutable once built: one object may serve
     every request that sent the same head bytes (see ``_HEADS``)."""
 
-    __slots__ = ("method", "target", "http_version", "headers", "framing", "length", "expect", "keep_alive")
+    __slots__ = ("method", "target", "path", "query", "http_version", "headers", "framing", "length", "expect",
+                 "keep_alive", "authorization", "content_type", "line_len")
 
     def __init__(self, req: h11.Request) -> None:
         self.method: bytes = req.method
         self.target: bytes = req.target
+        path, _, query = req.target.partition(b"?")
+        self.path: bytes = path
+        self.query: bytes = query
         self.http_version: bytes = req.http_version
         #: (lower-cased name, value), in order
         self.headers: tuple[tuple[bytes, bytes], ...] = tuple(req.headers)
         framing = 0
         length = 0
         expect = False
+        #: the first line of each, as handlers.header would read it (every publish reads both)
+        self.authorization: str | None = None
+        self.content_type: str | None = None
         for name, value in self.headers:
             if name == b"content-length":
                 framing |= 1
@@ -112,6 +119,15 @@ class Request:
                 framing |= 2
             elif name == b"expect":
                 expect = value.lower() == b"100-continue"
+            elif name == b"authorization":
+                if self.authorization is None:
+                    self.authorization = value.decode("latin-1")
+            elif name == b"content-type":
+                if self.content_type is None:
+                    self.content_type = value.decode("latin-1")
+        #: where the request line ends in the head (its LF), for the line limit; set by the
+        #: protocol for heads it keeps (_HEADS)
+        self.line_len = 0
         #: 0 no body, 1 Content-Length, 2 chunked, 3 both (refused)
         self.framing = framing
         self.length = length
@@ -286,6 +302,23 @@ class HTTPProtocol(Conn, asyncio.Protocol):
                 self.w.count_protocol_error()
                 self.abort("protocol_error")
             return
+        if state == HEAD and self.rx is None and not self.driving and not self.wpaused:
+            # A keep-alive publisher's common case: one whole request in one read, with a
+            # head seen before (_HEADS) and its Content-Length body exactly behind it.  The
+            # same steps as drive() takes, without copying the bytes to ``rx`` and back.  A
+            # kept head has no bare LF, so its first CRLFCRLF is where _HEAD_END ends it.
+            end = data.find(b"\r\n\r\n") + 4
+            if end > 3:
+                req = _HEADS.get(data[:end])
+                if req is not None and len(data) - end == req.length:
+                    self.driving = True
+                    try:
+                        if self._fits(req, end) and self._on_request(req, None, req.length):
+                            self.mark = 0
+                            self._dispatch(data[end:] if req.length else b"")
+                    finally:
+                        self.driving = False
+                    return
         conn = self.h11
         if conn is not None:  # a chunked body: h11 decodes it
             try:
@@ -357,12 +390,7 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         end = end_m.end()
         self.mark = 0
         nl = rx.find(b"\n", 0, end)
-        if nl > line_limit:  # the line up to and including its CR
-            self.refuse(414, "uri_too_long", f"request line is longer than {line_limit} bytes")
-            return False
-        if end > cfg.max_head_size + 2:
-            self.w.count_protocol_error()
-            self.refuse(431, "header_too_large", f"request head is larger than max_head_size ({cfg.max_head_size} bytes)")
+        if not self._line_fits(nl, end, line_limit):
             return False
         head = bytes(rx[:end])
         del rx[:end]  # O(1): a bytearray drops its front without moving the rest
@@ -393,15 +421,36 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             self.refuse(400, "bad_request", "malformed request")
             return False
         req = Request(cast(h11.Request, ev))
+        req.line_len = nl
         if req.framing < 2 and end <= HEAD_CACHE_BYTES:
             if len(_HEADS) >= HEAD_CACHE_SIZE:
                 _HEADS.clear()
             _HEADS[head] = req
         return self._on_request(req, conn)
 
-    def _on_request(self, req: Request, conn: h11.Connection | None) -> bool:
+    def _line_fits(self, nl: int, end: int, line_limit: int) -> bool:
+        """The request line (its LF at ``nl``) and the head (``end`` bytes) are within the
+        limits; refuses (414, 431) and returns False otherwise."""
+        if nl > line_limit:  # the line up to and including its CR
+            self.refuse(414, "uri_too_long", f"request line is longer than {line_limit} bytes")
+            return False
+        max_head = self.w.cfg.max_head_size
+        if end > max_head + 2:
+            self.w.count_protocol_error()
+            self.refuse(431, "header_too_large", f"request head is larger than max_head_size ({max_head} bytes)")
+            return False
+        return True
+
+    def _fits(self, req: Request, end: int) -> bool:
+        """A kept head within this worker's limits (checked on every request: the limits
+        may differ from those it was kept under); refuses it otherwise."""
+        cfg = self.w.cfg
+        return self._line_fits(req.line_len, end, min(MAX_REQUEST_LINE, cfg.max_head_size))
+
+    def _on_request(self, req: Request, conn: h11.Connection | None, ready: int = -1) -> bool:
         """Take a parsed head (``conn``: the h11 connection that parsed it, None for a head
-        served from ``_HEADS``; only a chunked request needs it, and those are never kept)."""
+        served from ``_HEADS``; only a chunked request needs it, and those are never kept;
+        ``ready``: bytes of the body already received, -1: those in ``rx``)."""
         self.req = req
         self.t0 = time.monotonic()
         self.inbound = 0
@@ -446,7 +495,9 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             self.rx = None
         else:
             self.mark = length
-        if req.expect and req.http_version == b"1.1" and (framing == 2 or len(rx or b"") < length):
+        if ready < 0:
+            ready = len(rx or b"")
+        if req.expect and req.http_version == b"1.1" and (framing == 2 or ready < length):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
 
