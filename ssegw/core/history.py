@@ -37,9 +37,12 @@ from .keyed import TopicKeys
 
 class TopicHistory:
     __slots__ = ("events", "trimmed_upto", "size", "ttl_ms", "touched", "keys", "oldest", "kmax", "kfloor",
-                 "kcounts")
+                 "kcounts", "name")
 
-    def __init__(self, size: int, ttl_ms: int) -> None:
+    def __init__(self, size: int, ttl_ms: int, name: str = "") -> None:
+        #: the topic, as the store's key: every event kept refers to this one string (a
+        #: publish parses its own copy of the name, which then goes with the request)
+        self.name = name
         self.events: deque[Event] = deque()
         self.trimmed_upto = 0
         self.size = size
@@ -167,12 +170,13 @@ class HistoryStore:
         self._stamp += 1
         if h is None:
             h = self._new_topic(topic)
+        ev.topic = h.name
         h.touched = self._stamp
         h.append(ev, now_ms)
 
     def _new_topic(self, topic: str) -> TopicHistory:
         size, ttl_ms = self._settings(topic)  # type: ignore[operator]
-        h = self.topics[topic] = TopicHistory(size, ttl_ms)
+        h = self.topics[topic] = TopicHistory(size, ttl_ms, topic)
         h.trimmed_upto = self.forgotten_upto
         if self._max_keys is not None:
             max_keys = self._max_keys(topic)
@@ -206,6 +210,7 @@ class HistoryStore:
             h = topics.get(ev.topic)
             if h is None:
                 h = self._new_topic(ev.topic)
+            ev.topic = h.name  # one string per topic, not one per event held (~56 B each)
             h.touched = stamp
             keys = h.keys
             if keys is None and ev.key is not None and h.kmax:

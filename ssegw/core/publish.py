@@ -82,7 +82,7 @@ def parse_message(obj: object, dumps: Callable[[object], bytes], where: str = "m
             lines = data_lines(data)
         else:
             try:
-                lines = b"data: " + dumps(data) + b"\n"
+                lines = b"data: %s\n" % dumps(data)
             except (TypeError, ValueError) as e:  # orjson.JSONEncodeError is a TypeError
                 raise BadRequest(f"cannot be encoded as JSON ({e})", code="bad_data") from None
     except BadRequest as e:
@@ -114,7 +114,7 @@ def _plain_batch(obj: list, dumps: Callable[[object], bytes]) -> list[Message] |
             or _TOPIC_LINES.match(joined + "\n") is None):
         return None
     try:
-        bodies = [data_lines(d) if type(d) is str else b"data: " + dumps(d) + b"\n" for d in datas]
+        bodies = [data_lines(d) if type(d) is str else b"data: %s\n" % dumps(d) for d in datas]
     except (BadRequest, TypeError, ValueError):
         return None
     return list(map(Message, topics, repeat(None), repeat(None), bodies))
@@ -150,7 +150,7 @@ def parse_publish(obj: object, max_batch: int, dumps: Callable[[object], bytes])
                     data = m["data"]
                     try:
                         append(Message(topic, None, None,
-                                       data_lines(data) if type(data) is str else b"data: " + dumps(data) + b"\n"))
+                                       data_lines(data) if type(data) is str else b"data: %s\n" % dumps(data)))
                         continue
                     except (BadRequest, TypeError, ValueError):
                         pass

@@ -79,7 +79,10 @@ def bytes_acked(transport: asyncio.BaseTransport) -> int | None:
 def request_line(method: bytes | None, target: bytes | None, status: int, seconds: float, nbytes: int,
                  ip: str, error: str, admin: bool) -> None:
     """Log an answered request (``method``/``target`` None: refused before any request)."""
-    if not wanted(status):
+    state = STATE  # wanted(status), inlined: once per request
+    if not state.on or not access_log.isEnabledFor(logging.INFO):
+        return
+    if status < 400 and state.sample < 1.0 and _random() >= state.sample:
         return
     if target is not None and len(target) > _KEY_TARGET:  # not kept as a key as it is
         target = path_of(target).encode("latin-1")

@@ -590,14 +590,10 @@ class HTTPProtocol(Conn, asyncio.Protocol):
         # Close when asked, when draining, when the request's body was not read (an answer
         # decided from the head), and when the client does not keep connections alive.
         close = close or self.w.draining or self.state != RESPOND or not req.keep_alive
-        out = [b"HTTP/1.1 %d %s\r\nserver: ssegw\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
-               % (status, _REASONS.get(status, b""), content_type, len(body))]
-        for k, v in headers:
-            out.append(b"%s: %s\r\n" % (k, v))
-        out.append(b"connection: close\r\n\r\n" if close else b"\r\n")
-        if body and req.method != b"HEAD":
-            out.append(body)
-        data = b"".join(out)
+        extra = b"".join([b"%s: %s\r\n" % (k, v) for k, v in headers]) if headers else b""
+        data = b"HTTP/1.1 %d %s\r\nserver: ssegw\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s%s%s" % (
+            status, _REASONS.get(status, b""), content_type, len(body), extra,
+            b"connection: close\r\n\r\n" if close else b"\r\n", body if req.method != b"HEAD" else b"")
         self.transport.write(data)
         self.served += 1
         if access.STATE.on:

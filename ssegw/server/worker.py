@@ -26,6 +26,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import cast
 
 from .. import logs
@@ -132,6 +133,11 @@ class Worker(Context):
         self.extra_startup = extra_startup
         self.parent_pid = 0  # set under a supervisor: drain if it disappears
         self.admin_source = handlers.LocalAdmin(self)
+        # The protocol calls these for every request: the handlers' functions bound to this
+        # worker (C partials), not the methods below, which would add a Python call each.
+        self.handle = partial(handlers.handle, self)  # type: ignore[method-assign]
+        self.check_head = partial(handlers.check_head, self)  # type: ignore[method-assign]
+        self.cors_headers = partial(handlers.cors_headers, self)  # type: ignore[method-assign]
         # Flush scheduling.
         self.flush_handle: asyncio.Handle | None = None
         self.last_flush = 0.0
