@@ -75,3 +75,50 @@ def test_age_young_freezes_what_lives_and_leaves_nothing_young():
     assert gc.get_freeze_count() >= before + 1000
     assert gc.get_count()[0] < 50
     assert all(k.other is None for k in keep)
+
+
+def _young_events() -> list:
+    from ssegw.core.event import Event
+
+    return [o for g in (0, 1, 2) for o in gc.get_objects(g) if type(o) is Event]
+
+
+@pytest.mark.parametrize("n,young", [(100, 0), (3, 3)])
+def test_a_published_batch_leaves_the_young_generations_at_once(n, young):
+    """A batch's events stay in history: a publish of FREEZE_BATCH messages or more freezes
+    them as it answers (not a tick later), so the collections its own allocations trigger do
+    not walk every event published since the last tick; a smaller publish leaves that to the
+    tick."""
+    import h11
+    import orjson
+
+    from ssegw import cli, config
+    from ssegw.server import handlers
+    from ssegw.server.protocol import Request
+    from ssegw.server.worker import Worker
+
+    assert handlers.FREEZE_BATCH <= 100 and handlers.FREEZE_BATCH > 3
+    cfg = config.load(cli.build_parser().parse_args(["serve", "--port", "0"]), environ={})
+    w = Worker(cfg, cli.make_broker(cfg))
+    body = orjson.dumps([{"topic": f"gc.{i}", "data": {"i": i}} for i in range(n)])
+    req = Request(h11.Request(method="POST", target="/publish",
+                              headers=[("Host", "h"), ("Content-Type", "application/json"),
+                                       ("Content-Length", str(len(body)))]))
+    answers = []
+
+    class P:  # the protocol as the handler sees it
+        admin = False
+        ip = "127.0.0.1"
+
+        def __init__(self) -> None:
+            self.req = req
+
+        def respond(self, status, data, **kw):  # noqa: ANN001, ANN003
+            answers.append((status, orjson.loads(data)))
+
+    gc.collect()
+    gc.freeze()  # everything made so far: only what the publish makes is young
+    handlers.publish(w, P(), req, body)  # type: ignore[arg-type]
+    assert answers and answers[0][0] == 200 and len(answers[0][1]["ids"]) == n
+    assert len(_young_events()) == young
+    assert len(w.broker.history.topics) == n
