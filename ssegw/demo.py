@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -98,7 +99,7 @@ class Ticker:
                 "data": {"topic": TOPIC, "symbol": sym, "price": round(self.prices[sym], 2),
                          "change": round(change, 4), "ts": time.time()}}
 
-    def _publish(self, msgs: list) -> None:
+    def _publish(self, msgs: Sequence) -> None:
         w = self.w
         if w.broker.publish_now(msgs) is None:
             w.loop.create_task(self._publish_async(msgs))
@@ -115,7 +116,7 @@ class Ticker:
         self._publish(parse_publish(self._msg(sym, new - old), 1, orjson.dumps))
         w.loop.call_later(1.0 / RATE, self._tick)
 
-    async def _publish_async(self, msgs: list) -> None:
+    async def _publish_async(self, msgs: Sequence) -> None:
         try:
             await self.w.broker.publish(msgs)  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - the demo ticker skips a tick when the broker is down

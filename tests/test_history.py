@@ -314,6 +314,34 @@ def test_published_frames_are_exactly_encode_frame_of_their_id(items) -> None:  
     assert ids == [format_id(b.epoch, e.seq) for e in evs]
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b.c", "m.7"]),
+                          st.one_of(st.text(max_size=40), st.integers(-(2**63), 2**63 - 1), st.lists(st.integers(0, 99), max_size=3),
+                                    st.dictionaries(st.text(max_size=5), st.integers(0, 99), max_size=3))),
+                min_size=1, max_size=20))
+def test_a_plain_batch_publishes_what_its_messages_publish(items) -> None:  # noqa: ANN001
+    """A batch of plain messages reaches the broker as columns (core.publish.PlainBatch); the
+    events, frames, ids and history are those of the same messages published one list of
+    Message objects at a time."""
+    from ssegw.core.publish import Message, PlainBatch, parse_publish
+    from ssegw.core.sse import encode_frame
+
+    body = [{"topic": t, "data": d} for t, d in items]
+    batch = parse_publish(body, 1000, orjson.dumps)
+    assert type(batch) is PlainBatch and len(batch) == len(items)
+    as_list = [Message(m.topic, m.event, m.key, m.body) for m in batch]
+    b1, _, d1 = make_broker()
+    b2, _, d2 = make_broker()
+    ids1 = b1.publish_now(batch)
+    ids2 = b2.publish_now(as_list)
+    assert [i.split("-")[1] for i in ids1] == [i.split("-")[1] for i in ids2]
+    assert ids1 == [format_id(b1.epoch, e.seq) for e in d1[-1]]
+    assert [e.frame for e in d1[-1]] == [encode_frame(i, m.body) for i, m in zip(ids1, as_list, strict=True)]
+    assert [(e.topic, e.seq, e.key) for e in d1[-1]] == [(e.topic, e.seq, e.key) for e in d2[-1]]
+    assert {t: [e.seq for e in h.events] for t, h in b1.history.topics.items()} == {
+        t: [e.seq for e in h.events] for t, h in b2.history.topics.items()}
+
+
 def test_epochs_differ_between_brokers() -> None:
     assert make_broker()[0].epoch != make_broker()[0].epoch
 

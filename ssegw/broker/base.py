@@ -11,7 +11,7 @@ trip); interest changes are fire-and-forget.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from ..core.history import Event
@@ -68,11 +68,11 @@ class Broker(Protocol):
     async def wait_ready(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for :meth:`ready`; returns it."""
 
-    def publish_now(self, messages: list[Message]) -> list[str] | None:
+    def publish_now(self, messages: Sequence[Message]) -> list[str] | None:
         """Publish without waiting, if this broker can (the embedded one): the ids, as
         :meth:`publish` returns them.  None: it cannot, and the caller awaits :meth:`publish`."""
 
-    async def publish(self, messages: list[Message]) -> list[str]:
+    async def publish(self, messages: Sequence[Message]) -> list[str]:
         """Publish all messages or none.  Returns their ids in order.
 
         Raises:

@@ -16,11 +16,12 @@ history is gone), so clients presenting them get ``ssegw.reset`` instead of a si
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from itertools import repeat
 
 from ..core.history import Event, HistoryStore, TopicHistory
 from ..core.keyed import DEFAULT_MAX_KEYS
-from ..core.publish import Message
+from ..core.publish import Message, PlainBatch
 from .base import LocalLeases, Replay
 
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -47,6 +48,8 @@ class MemoryBroker(LocalLeases):
                 fewer events than history would: topics with ``slow_consumer = "conflate"``).
         """
         self.epoch = new_epoch()
+        # An event's frame as a format of (seq, body): encode_frame(format_id(epoch, seq), body).
+        self._frame_fmt = b"id: %s-%%d\n%%s\n" % self.epoch.replace("%", "%%").encode("ascii")
         self.seq = 0
         self._keyed = keyed
         self.history = HistoryStore(settings, max_keys=lambda t: keyed(t)[0])
@@ -68,29 +71,34 @@ class MemoryBroker(LocalLeases):
     async def wait_ready(self, timeout: float) -> bool:
         return True
 
-    def publish_now(self, messages: list[Message]) -> list[str]:
+    def publish_now(self, messages: Sequence[Message]) -> list[str]:
         """Synchronous publish (the embedded broker never waits)."""
         now = self._clock_ms()
-        epoch = self.epoch
         first = self.seq + 1
         self.seq += len(messages)
-        # One pass per step, in comprehensions: a batch of 100 messages is the common case
-        # and per-message Python overhead is the cost of publishing (tuning.md).
+        # Column by column, in C loops (map over bound methods and the Event class): a batch
+        # of 100 messages is the common case and per-message Python overhead is the cost of
+        # publishing (tuning.md).  A PlainBatch is already columns (no event names or keys).
         # The frame is encode_frame(format_id(epoch, s), body) in one bytes formatting
-        # (~0.2 us a message less than building the id first; tests/test_history.py
-        # holds the two to the same bytes).
-        prefix = b"id: %s-" % epoch.encode("ascii")
+        # (tests/test_history.py holds the two to the same bytes).
+        if type(messages) is PlainBatch:
+            topics, bodies, keys = messages.topics, messages.bodies, repeat(None)
+        else:
+            topics = [m.topic for m in messages]
+            bodies = [m.body for m in messages]
+            keys = [m.key for m in messages]  # type: ignore[assignment]
         seqs = range(first, self.seq + 1)
-        events = [Event(m.topic, s, now, b"%s%d\n%s\n" % (prefix, s, m.body), m.key)
-                  for m, s in zip(messages, seqs, strict=True)]
-        ids = [f"{epoch}-{s}" for s in seqs]
+        events = list(map(Event, topics, seqs, repeat(now), map(self._frame_fmt.__mod__, zip(seqs, bodies, strict=True)),
+                          keys))
+        epoch = self.epoch
+        ids = [f"{epoch}-{s}" for s in seqs]  # format_id; an f-string: ~3x faster than str % int
         self.history.extend(events, now)
         self.published += len(events)
         if self._deliver is not None:
             self._deliver(events)
         return ids
 
-    async def publish(self, messages: list[Message]) -> list[str]:
+    async def publish(self, messages: Sequence[Message]) -> list[str]:
         return self.publish_now(messages)
 
     def replay_now(

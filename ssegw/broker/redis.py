@@ -89,7 +89,7 @@ import random
 import socket
 import weakref
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -312,7 +312,7 @@ class RedisBroker(Listener):
     def shard_of(self, topic: str) -> Shard:
         return self.shards[shard_index(topic, len(self.shards))]
 
-    async def publish(self, messages: list[Message]) -> list[str]:
+    async def publish(self, messages: Sequence[Message]) -> list[str]:
         """One FCALL per shard the batch touches (one, on a standalone Redis).
 
         Refused at connect on the first attempt means nothing was sent: ``BrokerUnavailable``
@@ -511,7 +511,7 @@ class RedisBroker(Listener):
 
     # -- replay -----------------------------------------------------------------------
 
-    def publish_now(self, messages: list[Message]) -> list[str] | None:
+    def publish_now(self, messages: Sequence[Message]) -> list[str] | None:
         return None  # every publish is a round trip to Redis
 
     def replay_now(self, topics: tuple[str, ...], after: tuple[str, tuple[int, ...]] | None,

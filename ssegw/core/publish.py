@@ -13,8 +13,10 @@ core free of third-party imports.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from itertools import repeat
+from operator import itemgetter
+from typing import overload
 
 from .errors import BadRequest, PayloadTooLarge
 from .sse import RESERVED_EVENT_PREFIX, data_lines, encode_body, validate_event_name
@@ -94,18 +96,68 @@ def parse_message(obj: object, dumps: Callable[[object], bytes], where: str = "m
 _TOPIC_LINES = re.compile(rf"(?:{TOPIC_CHAR}{{1,{MAX_TOPIC_LEN}}}\n)*\Z")
 
 
-def _plain_batch(obj: list, dumps: Callable[[object], bytes]) -> list[Message] | None:
+class PlainBatch(Sequence[Message]):
+    """Messages of the plain shape -- ``{"topic": NAME, "data": ...}`` each: no event name,
+    no key -- kept as two columns, topic names and encoded bodies.  A sequence of
+    :class:`Message` to whoever iterates it (made on first use); a broker that knows it reads
+    the columns instead (the embedded broker: no Message object per message, and its frames
+    and ids made by C loops; tuning.md "Publish ingest")."""
+
+    __slots__ = ("topics", "bodies", "_messages")
+
+    def __init__(self, topics: list[str], bodies: list[bytes]) -> None:
+        self.topics = topics
+        self.bodies = bodies
+        self._messages: list[Message] | None = None
+
+    def messages(self) -> list[Message]:
+        msgs = self._messages
+        if msgs is None:
+            msgs = self._messages = list(map(Message, self.topics, repeat(None), repeat(None), self.bodies))
+        return msgs
+
+    def __len__(self) -> int:
+        return len(self.topics)
+
+    def __iter__(self) -> Iterator[Message]:
+        return iter(self.messages())
+
+    @overload
+    def __getitem__(self, i: int) -> Message: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Message]: ...
+
+    def __getitem__(self, i: int | slice) -> Message | list[Message]:
+        return self.messages()[i]
+
+    def __repr__(self) -> str:
+        return f"PlainBatch({self.topics!r})"
+
+
+def topics_of(msgs: Sequence[Message]) -> list[str]:
+    """The topic of each message, in order."""
+    if type(msgs) is PlainBatch:
+        return msgs.topics
+    return [m.topic for m in msgs]
+
+
+_TOPIC = itemgetter("topic")
+_DATA = itemgetter("data")
+
+
+def _plain_batch(obj: list, dumps: Callable[[object], bytes]) -> PlainBatch | None:
     """The batch of the shape market-data publishers send -- every message exactly
-    ``{"topic": NAME, "data": ...}`` -- validated column by column, in C loops (list
-    comprehensions, one regex over all topic names, ``map``), not message by message: a
-    batch of 100 spends ~0.5 us a message less here (tuning.md "Publish ingest").  None when
-    any message is of another shape or fails a check: the caller then takes the message by
-    message path, which gives the same result for a good batch and words the error for a bad
-    one (tests/test_publish_parser.py holds the two paths to the same output).
+    ``{"topic": NAME, "data": ...}`` -- validated column by column, in C loops (``map``,
+    one regex over all topic names), not message by message: a batch of 100 spends ~0.5 us
+    a message less here (tuning.md "Publish ingest").  None when any message is of another
+    shape or fails a check: the caller then takes the message by message path, which gives
+    the same result for a good batch and words the error for a bad one
+    (tests/test_publish_parser.py holds the two paths to the same output).
     """
     try:
-        topics = [m["topic"] for m in obj]  # TypeError: not an object; KeyError: no topic
-        datas = [m["data"] for m in obj]
+        topics = list(map(_TOPIC, obj))  # TypeError: not an object; KeyError: no topic
+        datas = list(map(_DATA, obj))
         joined = "\n".join(topics)  # TypeError: a topic that is not a string
     except (TypeError, KeyError):
         return None
@@ -114,13 +166,16 @@ def _plain_batch(obj: list, dumps: Callable[[object], bytes]) -> list[Message] |
             or _TOPIC_LINES.match(joined + "\n") is None):
         return None
     try:
-        bodies = [data_lines(d) if type(d) is str else b"data: %s\n" % dumps(d) for d in datas]
+        if str in set(map(type, datas)):
+            bodies = [data_lines(d) if type(d) is str else b"data: %s\n" % dumps(d) for d in datas]
+        else:  # JSON data only (the common case): one line each, C loops throughout
+            bodies = list(map(b"data: %s\n".__mod__, map(dumps, datas)))
     except (BadRequest, TypeError, ValueError):
         return None
-    return list(map(Message, topics, repeat(None), repeat(None), bodies))
+    return PlainBatch(topics, bodies)
 
 
-def parse_publish(obj: object, max_batch: int, dumps: Callable[[object], bytes]) -> list[Message]:
+def parse_publish(obj: object, max_batch: int, dumps: Callable[[object], bytes]) -> Sequence[Message]:
     """Validate a decoded ``/publish`` body: one message or an array of them.
 
     Raises:

@@ -16,6 +16,7 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol, cast
 
 from ..broker.base import Broker
@@ -100,7 +101,7 @@ class SharedRouteHooks(Protocol):
 
     def subscribed(self, p: HTTPProtocol, topics: tuple[str, ...]) -> None: ...
 
-    def refuse_routed(self, msgs: list[Message]) -> None: ...
+    def refuse_routed(self, msgs: Sequence[Message]) -> None: ...
 
     def snapshot(self) -> dict[str, object]: ...
 

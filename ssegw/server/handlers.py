@@ -37,7 +37,7 @@ from ..core.errors import (
     UnsupportedMediaType,
 )
 from ..core.ids import parse_id
-from ..core.publish import parse_publish
+from ..core.publish import parse_publish, topics_of
 from ..core.sse import encode_compacted, encode_reset, encode_retry
 from ..core.topics import validate_topic
 from ..metrics import CONTENT_TYPE, make_registry, render
@@ -381,7 +381,7 @@ def _publish(w: Context, p: HTTPProtocol, req: Request, body: bytes, head: tuple
         raise BadRequest(f"invalid JSON: {e}", code="bad_json") from None
     msgs = parse_publish(obj, w.cfg.max_batch, orjson.dumps)
     if w.auth.enabled:  # auth off: the head decided it all (loopback or not), nothing per topic
-        _authorize_publish(w, authz, sorted({m.topic for m in msgs}), loopback)
+        _authorize_publish(w, authz, sorted(set(topics_of(msgs))), loopback)
     if w.upstreams is not None:
         w.upstreams.refuse_routed(msgs)  # 409: a shared route's upstream feeds that topic
     broker = w.broker

@@ -35,7 +35,7 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING
 
 import orjson
@@ -44,7 +44,7 @@ from ..broker.base import BrokerUnavailable, PublishUnresolved
 from ..config import RouteRule
 from ..core.conn import STREAM
 from ..core.errors import ProtocolError
-from ..core.publish import Message
+from ..core.publish import Message, topics_of
 from ..core.sse import RESERVED_EVENT_PREFIX, data_lines, encode_body, validate_event_name
 from ..core.sseparse import SSEParser, UpEvent
 from .upstream_client import FAILURE_REASONS, Target, UpstreamFailure, UpstreamStream
@@ -131,15 +131,15 @@ class SharedRoutes:
             if st is not None and st.status == "down":
                 self._notice_later(p, st, NOTICE_TRIES)
 
-    def refuse_routed(self, msgs: list[Message]) -> None:
+    def refuse_routed(self, msgs: Sequence[Message]) -> None:
         """``POST /publish`` to a topic a shared route feeds: 409 (its events come from upstream)."""
         cfg = self.w.cfg
-        for m in msgs:
-            route = cfg.shared_route(m.topic)
+        for topic in topics_of(msgs):
+            route = cfg.shared_route(topic)
             if route is not None:
                 # The route's URL is not named: its query may carry a backend credential.
                 raise ProtocolError(
-                    f"topic {m.topic!r} is fed by a shared upstream route ({route.topics.source if route.topics else ''}); "
+                    f"topic {topic!r} is fed by a shared upstream route ({route.topics.source if route.topics else ''}); "
                     "it cannot be published to", status_hint=409, code="routed_topic")
 
     # -- the claim: lease, presence, linger ----------------------------------------------
