@@ -74,6 +74,11 @@ class MemoryBroker(LocalLeases):
     def publish_now(self, messages: Sequence[Message]) -> list[str]:
         """Synchronous publish (the embedded broker never waits)."""
         now = self._clock_ms()
+        if len(messages) == 1:  # a single publish: no column passes for one message
+            m = messages[0]
+            s = self.seq = self.seq + 1
+            events = [Event(m.topic, s, now, self._frame_fmt % (s, m.body), m.key)]
+            return self._published(events, now, [f"{self.epoch}-{s}"])
         first = self.seq + 1
         self.seq += len(messages)
         # Column by column, in C loops (map over bound methods and the Event class): a batch
@@ -91,7 +96,9 @@ class MemoryBroker(LocalLeases):
         events = list(map(Event, topics, seqs, repeat(now), map(self._frame_fmt.__mod__, zip(seqs, bodies, strict=True)),
                           keys))
         epoch = self.epoch
-        ids = [f"{epoch}-{s}" for s in seqs]  # format_id; an f-string: ~3x faster than str % int
+        return self._published(events, now, [f"{epoch}-{s}" for s in seqs])  # format_id (f-string: ~3x str % int)
+
+    def _published(self, events: list[Event], now: int, ids: list[str]) -> list[str]:
         self.history.extend(events, now)
         self.published += len(events)
         if self._deliver is not None:
