@@ -244,6 +244,16 @@ def merge_summaries(parts: list[dict[str, object]]) -> dict[str, object]:
 # -- the server ------------------------------------------------------------------------
 
 
+#: The gateway's memory allocator (``--allocator`` of flood.py and ingest.py): the environment
+#: the gateway runs with.  "jemalloc" is what systemd/ssegw.service sets.
+ALLOCATORS: dict[str, dict[str, str]] = {
+    "pymalloc": {},
+    "jemalloc": {"LD_PRELOAD": "libjemalloc.so.2", "PYTHONMALLOC": "malloc"},
+}
+#: The environment every Server adds (set from --allocator).
+GATEWAY_ENV: dict[str, str] = {}
+
+
 class Server:
     """``python -m ssegw serve`` pinned to a core, its ports read from its log line."""
 
@@ -264,6 +274,7 @@ class Server:
 
     def start(self, timeout: float = 20.0) -> Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SSEGW_")}
+        env.update(GATEWAY_ENV)
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         assert self.proc.stderr is not None

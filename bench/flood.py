@@ -55,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import loadgen  # noqa: E402
 import run  # noqa: E402
 from client import IP_BIND_ADDRESS_NO_PORT  # noqa: E402
-from common import PYTHON, RESULTS, CpuSampler, Server, emit, log, wait_quiet  # noqa: E402
+from common import ALLOCATORS, GATEWAY_ENV, PYTHON, RESULTS, CpuSampler, Server, emit, log, wait_quiet  # noqa: E402
 from loadgen import Admin, Clients, HTTPConn, Publisher, ticker_body  # noqa: E402
 from run import CLIENT_CORE, SERVER_CORE, Env, pin_self, wait_streams, window, with_retries  # noqa: E402
 from scale import use_code  # noqa: E402  (patches run.CpuSampler too: ours is set below, after it)
@@ -913,7 +913,7 @@ async def cmd_flood(args: argparse.Namespace) -> None:
             checks.append(f"{k} window disturbed: processes not ours used {foreign} % CPU "
                           f"({w['cpu']['others_pct']})")  # type: ignore[index]
     result: dict[str, object] = {
-        "server_code": args.server_code,
+        "server_code": args.server_code, "allocator": args.allocator,
         "subs": subs, "rate": args.rate, "calm_s": args.calm, "flood_s": args.flood, "after_s": args.after,
         "procs": args.procs, "cycles_run": len(cycles), "setup": setup,
         "attack": attack, "attack_unfinished_workers": c0["attack_unfinished_workers"],
@@ -1003,6 +1003,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--code", default="HEAD",
                     help="run the gateway from a `git archive` snapshot of this commit (scale.py's use_code; the "
                          "working tree may carry other people's unfinished changes), or `worktree`")
+    ap.add_argument("--allocator", choices=sorted(ALLOCATORS), default="pymalloc",
+                    help="the gateway's allocator: Python's own, or jemalloc as systemd/ssegw.service runs it "
+                         "(LD_PRELOAD=libjemalloc.so.2 PYTHONMALLOC=malloc)")
     ap.add_argument("--cycles", type=int, default=1,
                    help="flood + after windows run this many times on the same gateway (targets use the first)")
     g.add_argument("--attack-nice", type=int, default=10,
@@ -1024,6 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     pin_self()
     args.server_code = use_code(args.code)
+    GATEWAY_ENV.update(ALLOCATORS[args.allocator])
     uvloop.run(cmd_flood(args))
     return 0
 

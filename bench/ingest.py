@@ -52,7 +52,9 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
+    ALLOCATORS,
     BENCH,
+    GATEWAY_ENV,
     PYTHON,
     RESULTS,
     ROOT,
@@ -726,6 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--code", metavar="DIR",
                     help="run the gateway from the ssegw package in DIR (a checkout or a `git archive` export; "
                          "PYTHONSAFEPATH=1 PYTHONPATH=DIR) instead of this working tree")
+    ap.add_argument("--allocator", choices=sorted(ALLOCATORS), default="pymalloc",
+                    help="the gateway's allocator: Python's own, or jemalloc as systemd/ssegw.service runs it")
     ap.add_argument("--quiet-wait", type=float, default=60.0,
                     help="before each run, wait up to this many s for every core to be < 20%% busy (0 = don't)")
     return ap
@@ -749,6 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.per_call < 1 or args.pipeline < 1:
         raise SystemExit("--per-call and --pipeline must be >= 1")
     pin_self()
+    GATEWAY_ENV.update(ALLOCATORS[args.allocator])
     redis_used = args.broker == "redis" or "direct" in modes
     conditions: dict[str, object] = {
         "gateway_core": int(SERVER_CORE), "client_core": int(CLIENT_CORE),
@@ -756,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
                     + (" and redis-server all on core 1 (redis competes with wrk / the publisher for it)"
                        if redis_used else " on core 1")),
         "duration_s": args.duration, "warmup_s": args.warmup, "wrk_threads": args.threads, "wrk_conns": args.conns,
-        "topics": args.topics, "server_args": args.server_arg or [],
+        "topics": args.topics, "server_args": args.server_arg or [], "allocator": args.allocator,
         "gateway_code": gateway_code(args.code), "python": python_info(), "wrk": tool_version(["wrk", "--version"]),
         "redis_server": tool_version(["redis-server", "--version"]) if redis_used else None,
         "nproc": os.cpu_count(), "loadavg_before": os.getloadavg(),

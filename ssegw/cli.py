@@ -121,6 +121,7 @@ def serve(cfg: Config, argv: list[str], reload_config: Callable[[], Config] | No
     control = os.environ.pop(ENV_CONTROL, None)
     if fd is not None:
         return _run_worker(cfg, socket.socket(fileno=int(fd)), control)
+    _log_allocator()
     reload = reload_config or (lambda: cfg)
     if cfg.workers != 1:
         if not cfg.redis:
@@ -131,6 +132,15 @@ def serve(cfg: Config, argv: list[str], reload_config: Callable[[], Config] | No
             )
         return _run_supervisor(cfg, argv, reload)
     return _run_single(cfg, reload)
+
+
+def _log_allocator() -> None:
+    from .server import allocator
+
+    what, warning = allocator.describe()
+    log.info("memory allocator: %s", what)
+    if warning:
+        log.warning("%s", warning)
 
 
 def _event_loop_run(main: object) -> None:

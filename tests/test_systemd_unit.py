@@ -137,6 +137,12 @@ def test_unit_commands_use_the_host_paths():
     assert service["ExecReload"] == [f"{HOST_BIN} check-config {HOST_CONFIG}", "/bin/kill -HUP $MAINPID"]
 
 
+def test_jemalloc_is_preloaded_together_with_pythonmalloc():
+    """Both or neither: PYTHONMALLOC=malloc without jemalloc is worse than Python's allocator."""
+    env = _directives(UNIT.read_text())["Environment"]
+    assert "LD_PRELOAD=libjemalloc.so.2" in env and "PYTHONMALLOC=malloc" in env
+
+
 def test_stop_timeout_outlasts_the_drain():
     # drain_timeout + supervisor KILL_GRACE (5 s) + a worker's broker close (5 s), plus margin.
     assert parse_duration(_one("TimeoutStopSec")) >= Config().drain_timeout + 15

@@ -17,7 +17,6 @@ this module adds the loop's side: listeners, flush scheduling, the tick, drain a
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import logging
 import os
@@ -47,7 +46,7 @@ from ..core.history import Event
 from ..core.sse import HEARTBEAT, encode_retry
 from ..core.wheel import Timer, TimerWheel
 from ..policy.limits import in_networks
-from . import handlers
+from . import allocator, handlers
 from .acceptor import Acceptor, ProxyPolicy
 from .context import T_DRAIN, T_EXPIRE, T_LIFETIME, TICK_MS, Context
 from .protocol import T_HEAD, T_HEARTBEAT, HTTPProtocol, Request
@@ -57,18 +56,6 @@ from .upstream import SharedRoutes
 
 log = logging.getLogger("ssegw.worker")
 
-
-def _libc_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        fn = ctypes.CDLL(None).malloc_trim  # glibc; absent on musl and elsewhere
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    return cast(Callable[[int], int], fn)
-
-
-_malloc_trim = _libc_malloc_trim()
 
 #: A flush writing to at most this many connections is done at once instead of waiting for
 #: the batching interval: coalescing buys nothing for a handful of writes, and directed
@@ -465,8 +452,7 @@ class Worker(Context):
         # cyclic garbage, and with GC_THRESHOLDS it would wait for the next full collection.
         full_collect()
         self.next_full_gc = t + FULL_GC_S
-        if _malloc_trim is not None:
-            _malloc_trim(0)
+        allocator.release()
         log.debug("released memory after closes: %.1f ms", (time.perf_counter() - t0) * 1000)
 
     def _fire(self, t: Timer, now: int) -> None:
