@@ -35,6 +35,8 @@ def probe(**env: str) -> list:
 def test_pymalloc_by_default() -> None:
     what, warning, je = probe()
     assert what == "pymalloc" and warning is None and je is None
+    # The unit's variables overridden as the README says (a drop-in without libjemalloc2).
+    assert probe(LD_PRELOAD="", PYTHONMALLOC="pymalloc") == ["pymalloc", None, None]
 
 
 def test_malloc_without_jemalloc_is_warned_about() -> None:
