@@ -108,7 +108,7 @@ class Request:
         framing = 0
         length = 0
         expect = False
-        #: the first line of each, as handlers.header would read it (every publish reads both)
+        #: the first line of each, as handlers._header reads a field (every publish reads both)
         self.authorization: str | None = None
         self.content_type: str | None = None
         for name, value in self.headers:
@@ -307,8 +307,8 @@ class HTTPProtocol(Conn, asyncio.Protocol):
             # head seen before (_HEADS) and its Content-Length body exactly behind it.  The
             # same steps as drive() takes, without copying the bytes to ``rx`` and back.  A
             # kept head has no bare LF, so its first CRLFCRLF is where _HEAD_END ends it.
-            end = data.find(b"\r\n\r\n") + 4
-            if end > 3:
+            end = data.find(b"\r\n\r\n", 0, HEAD_CACHE_BYTES) + 4
+            if end > 3:  # (a kept head is at most HEAD_CACHE_BYTES: no longer one is looked up)
                 req = _HEADS.get(data[:end])
                 if req is not None and len(data) - end == req.length:
                     self.driving = True
