@@ -344,14 +344,14 @@ def test_every_slow_consumer_verdict_has_a_close_reason():
 # -- buffered lines and the record-less access path (logs.info_fields) -----------------------
 
 
-@pytest.mark.parametrize("fmt,journald", [("text", False), ("text", True), ("json", False)])
-def test_info_fields_writes_the_line_logging_would(tmp_path, monkeypatch, fmt, journald):
-    """The record-less path of an access line writes exactly what logging's own path writes
-    (same formatter, same clock reading)."""
-    fields = {"kind": "request", "method": "POST", "path": "/a b", "status": 200, "duration_ms": 0.125,
-              "bytes_out": 108, "ip": "127.0.0.1", "q": 'x"y', "e": ""}
-    monkeypatch.setattr(logging.time, "time", lambda: 1_700_000_000.0625)  # LogRecord.created
-    monkeypatch.setattr(logs.time, "time", lambda: 1_700_000_000.0625)
+FIXED_NOW = 1_700_000_000.0625
+
+
+def _lines_both_ways(tmp_path, monkeypatch, fmt, journald, ways, write):  # noqa: ANN001, ANN202
+    """What the gateway's own handler writes for ``write(way, handler)`` in each of ``ways``
+    (``fmt``, journald or not), ours the only handler and the clock fixed; by way."""
+    monkeypatch.setattr(logging.time, "time", lambda: FIXED_NOW)  # LogRecord.created
+    monkeypatch.setattr(logs.time, "time", lambda: FIXED_NOW)
     monkeypatch.setattr(logging.time, "time_ns", lambda: 1_700_000_000_062_500_000)
     out = {}
     root = logging.getLogger()
@@ -360,7 +360,7 @@ def test_info_fields_writes_the_line_logging_would(tmp_path, monkeypatch, fmt, j
     for h in saved:  # caplog & co: the fast path is taken only when ours is the only handler
         root.removeHandler(h)
     try:
-        for way in ("logging", "fast"):
+        for way in ways:
             path = tmp_path / way
             with open(path, "w") as f:
                 st = os.fstat(f.fileno())
@@ -368,13 +368,8 @@ def test_info_fields_writes_the_line_logging_would(tmp_path, monkeypatch, fmt, j
                 h = logs.setup(fmt, "info", env, f)
                 logs.buffer_lines(True)
                 try:
-                    if way == "logging":
-                        logging.getLogger("ssegw.access").info("request", extra={"fields": fields})
-                    else:
-                        with monkeypatch.context() as m:  # no LogRecord on this path
-                            m.setattr(logging.Logger, "makeRecord", None)
-                            logs.info_fields(logging.getLogger("ssegw.access"), "request", fields)
-                    assert h.pending  # buffered, not written yet
+                    with monkeypatch.context() as m:
+                        write(way, h, m)
                     logs.flush()
                 finally:
                     logs.buffer_lines(False)
@@ -384,6 +379,25 @@ def test_info_fields_writes_the_line_logging_would(tmp_path, monkeypatch, fmt, j
         for h in saved:
             root.addHandler(h)
         root.setLevel(level)
+    return out
+
+
+@pytest.mark.parametrize("fmt,journald", [("text", False), ("text", True), ("json", False)])
+def test_info_fields_writes_the_line_logging_would(tmp_path, monkeypatch, fmt, journald):
+    """The record-less path of an access line writes exactly what logging's own path writes
+    (same formatter, same clock reading)."""
+    fields = {"kind": "request", "method": "POST", "path": "/a b", "status": 200, "duration_ms": 0.125,
+              "bytes_out": 108, "ip": "127.0.0.1", "q": 'x"y', "e": ""}
+
+    def write(way, h, m):  # noqa: ANN001, ANN202
+        if way == "logging":
+            logging.getLogger("ssegw.access").info("request", extra={"fields": fields})
+        else:
+            m.setattr(logging.Logger, "makeRecord", None)  # no LogRecord on this path
+            logs.info_fields(logging.getLogger("ssegw.access"), "request", fields)
+        assert h.pending  # buffered, not written yet
+
+    out = _lines_both_ways(tmp_path, monkeypatch, fmt, journald, ("logging", "fast"), write)
     assert out["fast"] == out["logging"] and out["fast"].count("\n") == 1, out
 
 
@@ -400,42 +414,20 @@ def test_access_lines_made_from_a_cut_line_are_the_lines_logging_writes(tmp_path
              (b"GET", b"/a b" + b"x" * 300 + b"?token=SECRET", 404, 12.25, 5, "::1", "not_found", False),
              (None, None, 503, 0.002, 100, "127.0.0.2", "draining", True),
              (b"POST", b"/publish", 200, 0.000123, 117, "127.0.0.1", "", False)]  # first key again
-    monkeypatch.setattr(logging.time, "time", lambda: 1_700_000_000.0625)
-    monkeypatch.setattr(logs.time, "time", lambda: 1_700_000_000.0625)
-    monkeypatch.setattr(logging.time, "time_ns", lambda: 1_700_000_000_062_500_000)
-    out = {}
-    root = logging.getLogger()
-    level = root.level
-    saved = [h for h in root.handlers if not isinstance(h, logs._Handler)]
-    for h in saved:
-        root.removeHandler(h)
-    try:
-        for way in ("logging", "cut"):
-            path = tmp_path / way
-            with open(path, "w") as f:
-                st = os.fstat(f.fileno())
-                env = {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"} if journald else {}
-                h = logs.setup(fmt, "info", env, f)
-                logs.buffer_lines(True)
-                try:
-                    with monkeypatch.context() as m:
-                        if way == "logging":  # what logging writes: the same fields, through a record
-                            m.setattr(logs, "_direct", lambda logger: None)
-                        else:
-                            m.setattr(logging.Logger, "makeRecord", None)  # no record on this path
-                        for c in calls:
-                            access.request_line(*c)
-                    logs.flush()
-                    if way == "cut":
-                        assert len(h.formatter.templates) == 4  # one cut per key
-                finally:
-                    logs.buffer_lines(False)
-                    root.removeHandler(h)
-            out[way] = path.read_text()
-    finally:
-        for h in saved:
-            root.addHandler(h)
-        root.setLevel(level)
+    cuts = []
+
+    def write(way, h, m):  # noqa: ANN001, ANN202
+        if way == "logging":  # what logging writes: the same fields, through a record
+            m.setattr(logs, "_direct", lambda logger: None)
+        else:
+            m.setattr(logging.Logger, "makeRecord", None)  # no record on this path
+        for c in calls:
+            access.request_line(*c)
+        if way == "cut":
+            cuts.append(len(h.formatter.templates))
+
+    out = _lines_both_ways(tmp_path, monkeypatch, fmt, journald, ("logging", "cut"), write)
+    assert cuts == [4]  # one cut per key
     lines = out["cut"].splitlines()
     assert out["cut"] == out["logging"] and len(lines) == len(calls), out
     assert "SECRET" not in out["cut"]
