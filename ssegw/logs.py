@@ -34,7 +34,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Hashable, Mapping
-from typing import IO
+from typing import IO, cast
 
 import orjson
 
@@ -127,14 +127,6 @@ class TextFormatter(logging.Formatter):
         t = type(v)
         return f"{v}" if t is int or t is float else _text_value(v)
 
-    def numbers_line(self, pieces: tuple[str, str, str], a: float, b: int, created: float) -> str:
-        """The line of :func:`info_numbers`: its cut line with the numbers in."""
-        one, two, three = pieces
-        return f"{self.head(created)}{one}{a}{two}{b}{three}"
-
-    #: What a line of info_numbers adds to its pieces (stamp, numbers), for the buffer's size.
-    NUMBERS_LINE = 40
-
     _sec = -1
     _stamp = ""
     _ms = -1
@@ -205,14 +197,6 @@ class JsonFormatter(logging.Formatter):
         """How a field's value appears in a line."""
         return orjson.dumps(v, default=str).decode()
 
-    def numbers_line(self, pieces: tuple[str, str, str], a: float, b: int, created: float) -> str:
-        """The line of :func:`info_numbers`: its cut line with the numbers in."""
-        one, two, three = pieces
-        return f"{self.head(created)}{one}{self.value_text(a)}{two}{b}{three}"
-
-    #: What a line of info_numbers adds to its pieces (stamp, numbers), for the buffer's size.
-    NUMBERS_LINE = 50
-
 
 def formatter(fmt: str, journald: bool) -> logging.Formatter:
     return JsonFormatter() if fmt == "json" else TextFormatter(journald)
@@ -263,12 +247,9 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
         """Write what is pending (the handler's lock held)."""
         if not self.pending:
             return
-        fmt = self.formatter
-        if isinstance(fmt, (TextFormatter, JsonFormatter)):
-            lines = [x if type(x) is str else fmt.numbers_line(*x) for x in self.pending]  # type: ignore[misc]
-        else:  # cannot be: info_numbers queues only for our formatters
-            lines = [x for x in self.pending if type(x) is str]
-        text = "\n".join(lines) + "\n"
+        # info_numbers queues its lines only while our formatter is this handler's.
+        fmt = cast("TextFormatter | JsonFormatter", self.formatter)
+        text = "\n".join([x if type(x) is str else _numbers_line(fmt, *x) for x in self.pending]) + "\n"  # type: ignore[misc]
         self.pending = []
         self.size = 0
         try:
@@ -315,10 +296,12 @@ def _direct(logger: logging.Logger) -> tuple[_Handler, TextFormatter | JsonForma
     return None
 
 
-def _append(h: _Handler, logger: logging.Logger, line: str) -> None:
+def _append(h: _Handler, logger: logging.Logger, item: str | tuple[tuple[str, str, str], float, int, float],
+            size: int) -> None:
+    """Queue a line (or info_numbers' parts of one, ``size`` characters about) on ``h``."""
     with h.lock:  # type: ignore[union-attr]
-        h.pending.append(line)
-        h.size += len(line) + 1
+        h.pending.append(item)
+        h.size += size + 1
         if h.size >= BUFFER_BYTES or logger.name != ACCESS_LOGGER:
             h._write()
 
@@ -333,7 +316,8 @@ def info_fields(logger: logging.Logger, msg: str, fields: Mapping[str, object]) 
     """
     sink = _direct(logger)
     if sink is not None:
-        _append(sink[0], logger, sink[1].info_line(logger.name, msg, fields, time.time()))
+        line = sink[1].info_line(logger.name, msg, fields, time.time())
+        _append(sink[0], logger, line, len(line))
         return
     logger.info(msg, extra={"fields": fields})
 
@@ -375,11 +359,18 @@ def info_numbers(logger: logging.Logger, msg: str, key: Hashable, make: Callable
         templates[key] = pieces
     # The line itself is made when it is written (the next tick, at the latest): lines made
     # one after another there cost a third of one made here, between a request's other work.
-    with h.lock:  # type: ignore[union-attr]
-        h.pending.append((pieces, a, b, time.time()))
-        h.size += fmt.NUMBERS_LINE + len(pieces[0]) + len(pieces[2])
-        if h.size >= BUFFER_BYTES or logger.name != ACCESS_LOGGER:
-            h._write()
+    _append(h, logger, (pieces, a, b, time.time()), NUMBERS_LINE + len(pieces[0]) + len(pieces[1]) + len(pieces[2]))
+
+
+#: What a line of info_numbers adds to its pieces (stamp, numbers), for the buffer's size.
+NUMBERS_LINE = 50
+
+
+def _numbers_line(fmt: TextFormatter | JsonFormatter, pieces: tuple[str, str, str], a: float, b: int,
+                  created: float) -> str:
+    """The line of :func:`info_numbers`: its cut line with the numbers in, as ``fmt`` writes them."""
+    one, two, three = pieces
+    return f"{fmt.head(created)}{one}{fmt.value_text(a)}{two}{b}{three}"
 
 
 def _cut(fmt: TextFormatter | JsonFormatter, name: str, msg: str, fields: Mapping[str, object]) -> tuple[str, str, str]:
