@@ -2,8 +2,8 @@
 
 Every tick ``age_young`` collects generation 0 and freezes the survivors, so that an object
 held for long (an event in history) is traversed once, not again by every generation-1
-collection; ``full_collect`` (every ``FULL_GC_S``) looks at every object, frozen ones
-included.  What must hold: cyclic garbage is found either way -- while young by the tick, later
+collection; ``full_collect`` (every ``FULL_GC_S``, further apart while it finds nothing)
+looks at every object, frozen ones included.  What must hold: cyclic garbage is found either way -- while young by the tick, later
 by the full collection -- and nothing stays unfrozen after either.  Closed connections leave
 no cyclic garbage, so handing memory back after a burst of closes needs no full collection
 (which stops the loop for as long as it takes to traverse every object held).
@@ -164,6 +164,24 @@ def test_a_burst_of_closes_hands_memory_back_without_a_full_collection(monkeypat
     assert not full, "the release after a burst ran a full collection"
 
 
+async def _start_worker(*flags: str):  # noqa: ANN202
+    """A real worker in this process (uvloop), serving on free ports."""
+    from ssegw import cli, config
+    from ssegw.server.worker import Worker
+
+    cfg = config.load(cli.build_parser().parse_args(
+        ["serve", "--port", "0", "--admin-port", "0", "--no-access-log", *flags]), environ={})
+    w = Worker(cfg, cli.make_broker(cfg))
+    await w.start()
+    return w
+
+
+async def _stop_worker(w) -> None:  # noqa: ANN001
+    w.stop_accepting(admin=True)
+    w._stop_now()
+    await w.wait_stopped()
+
+
 def _clients(port: int, n: int, head_timeout: float) -> dict[str, int]:
     """n connections of each kind against a gateway on ``port``, held open together past
     several ticks, then ended; blocking sockets in a thread (no client-side objects in the
@@ -238,17 +256,11 @@ def test_closed_connections_leave_no_cyclic_garbage():
 
     import uvloop
 
-    from ssegw import cli, config
-    from ssegw.server.worker import Worker
-
     n = 40
 
     async def main() -> tuple[int, list[dict[str, int]]]:
-        cfg = config.load(cli.build_parser().parse_args(
-            ["serve", "--port", "0", "--admin-port", "0", "--head-timeout", "1s", "--max-conns-per-ip", "0",
-             "--conn-rate", "0", "--no-access-log"]), environ={})
-        w = Worker(cfg, cli.make_broker(cfg))
-        await w.start()
+        w = await _start_worker("--head-timeout", "1s", "--max-conns-per-ip", "0", "--conn-rate", "0")
+        cfg = w.cfg
         port = w.bound_ports()[0]
         rounds = []
 
@@ -271,12 +283,60 @@ def test_closed_connections_leave_no_cyclic_garbage():
             found = gc.collect()
             gc.freeze()
         finally:
-            w.stop_accepting(admin=True)
-            w._stop_now()
-            await w.wait_stopped()
+            await _stop_worker(w)
         return found, rounds
 
     found, rounds = uvloop.run(main())
     expected = {"idle": 0, "stream": 200, "reset": 200, "bad": 400, "publish": 200, "slow": 408}
     assert rounds == [expected, expected]
     assert found < n, f"{found} unreachable objects after {6 * n} connections closed"
+
+
+def test_the_full_collection_comes_less_often_while_it_finds_nothing():
+    """Each full collection that finds no cyclic garbage puts the next twice as far off, up to
+    FULL_GC_MAX_S; one that finds some brings it back to FULL_GC_S."""
+    from ssegw.server.worker import FULL_GC_MAX_S, FULL_GC_S, next_full_gc_interval
+
+    interval, seen = FULL_GC_S, []
+    for _ in range(6):
+        interval = next_full_gc_interval(interval, 0)
+        seen.append(interval)
+    assert seen == [600.0, 1200.0, 2400.0, 3600.0, 3600.0, 3600.0] and FULL_GC_MAX_S == 3600.0
+    assert next_full_gc_interval(FULL_GC_MAX_S, 2) == FULL_GC_S == 300.0
+
+
+def test_a_worker_spaces_its_full_collections_by_what_they_find():
+    """A running worker's tick: a full collection that finds nothing, then one that finds a
+    cycle that died after it was frozen (which only a full collection can find)."""
+    import asyncio
+
+    import uvloop
+
+    async def due(w) -> tuple[float, float]:  # noqa: ANN001
+        w.next_full_gc = 0.0  # due at the next housekeeping tick (every 20 ticks, ~1 s)
+        for _ in range(60):
+            await asyncio.sleep(0.05)
+            if w.next_full_gc:
+                break
+        return w.full_gc_interval, w.next_full_gc - w.loop.time()
+
+    async def main() -> tuple[tuple[float, float], tuple[float, float], weakref.ref[Node]]:
+        w = await _start_worker()
+        try:
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+            clean = await due(w)
+            a, b = Node(), Node()
+            a.other, b.other = b, a
+            ref = weakref.ref(a)
+            await asyncio.sleep(0.2)  # frozen by the ticks while alive
+            del a, b
+            dirty = await due(w)
+        finally:
+            await _stop_worker(w)
+        return clean, dirty, ref
+
+    clean, dirty, ref = uvloop.run(main())
+    assert clean[0] == 600.0 and 590 < clean[1] <= 600, clean
+    assert ref() is None and dirty[0] == 300.0 and 290 < dirty[1] <= 300, dirty

@@ -69,7 +69,7 @@ SLICE_WRITES = 1_000
 #: Python's cyclic GC: a full (generation 2) collection traverses every long-lived object --
 #: every connection and every event held in history -- and was measured at 120-150 ms with
 #: 10,000 streams, a loop stall that shows up as p99.9 latency.  Automatic full collections
-#: are switched off; the tick runs one every FULL_GC_S instead (almost all our garbage is
+#: are switched off; the tick runs one every FULL_GC_S or more instead (almost all our garbage is
 #: acyclic and freed by reference counting).
 #: The young generations are aged by the tick too (``age_young``): every tick collects
 #: generation 0 and moves its survivors out of the collector's sight (``gc.freeze``), so an
@@ -78,6 +78,13 @@ SLICE_WRITES = 1_000
 #: the collector's time (tuning.md "Publish ingest").  Frozen objects are looked at again by
 #: the full collection only (``full_collect``), as generation 2 was before.
 FULL_GC_S = 300.0
+#: The full collection stops the loop while it traverses every object held, events in history
+#: included (~0.4 s per million events: tuning.md, ``bench/gccost.py``), and what it is for --
+#: cyclic garbage among long-lived objects -- is rare: closed connections leave none
+#: (tests/test_worker_gc.py).  So one that finds nothing puts the next twice as far off, up to
+#: FULL_GC_MAX_S; one that finds anything brings the interval back to FULL_GC_S
+#: (``next_full_gc_interval``).  Cyclic garbage then waits at most FULL_GC_MAX_S.
+FULL_GC_MAX_S = 3600.0
 #: After this many public connections closed since the peak (a flood, a reconnect storm, a
 #: drained generation), the memory they held is handed back to the OS (_release_memory).
 RELEASE_AFTER_CLOSED = 1024
@@ -95,6 +102,12 @@ def age_young() -> None:
     """Collect generation 0, then freeze what survived (see ``FULL_GC_S``): O(young objects)."""
     gc.collect(0)
     gc.freeze()
+
+
+def next_full_gc_interval(interval: float, found: int) -> float:
+    """Seconds to the next full collection after one that ran ``interval`` after the one
+    before and found ``found`` unreachable objects (see ``FULL_GC_MAX_S``)."""
+    return FULL_GC_S if found else min(interval * 2, FULL_GC_MAX_S)
 
 
 def full_collect() -> int:
@@ -133,6 +146,7 @@ class Worker(Context):
         self.sweep_delay = 0.0  # that event's age when the sweep started (s)
         self.tick_due = 0.0  # loop.time() the next tick is due at
         self.next_full_gc = 0.0
+        self.full_gc_interval = FULL_GC_S
         self.conn_peak = 0  # most public connections open since memory was last released
         self.release_at = 0.0  # loop.time() to release at, once the drop was seen (0 = none due)
         self.interval = cfg.flush_interval
@@ -405,10 +419,12 @@ class Worker(Context):
         age_young()
         if self.tick_count % HOUSEKEEPING_TICKS == 0:
             if loop.time() >= self.next_full_gc:
-                self.next_full_gc = loop.time() + FULL_GC_S
                 t0 = time.perf_counter()
                 found = full_collect()
-                log.debug("full gc: %d unreachable, %.1f ms", found, (time.perf_counter() - t0) * 1000)
+                self.full_gc_interval = next_full_gc_interval(self.full_gc_interval, found)
+                self.next_full_gc = loop.time() + self.full_gc_interval
+                log.debug("full gc: %d unreachable, %.1f ms; the next in %.0f s", found,
+                          (time.perf_counter() - t0) * 1000, self.full_gc_interval)
             self._release_memory(loop.time())
             if self.parent_pid and os.getppid() != self.parent_pid and not self.draining:
                 log.error("supervisor %d is gone: draining", self.parent_pid)
@@ -436,7 +452,7 @@ class Worker(Context):
         burst measured, while it stopped the loop for as long as it took to traverse every
         object held -- 30-50 ms with 5,000 streams, 120-150 ms with 10,000 -- right when the
         subscribers of a flood or a reconnect storm wait for their events.  Cyclic garbage
-        from elsewhere is found by the full collection every ``FULL_GC_S``.
+        from elsewhere is found by the periodic full collection (``FULL_GC_MAX_S``).
         """
         n = self.connections_open
         if n >= self.conn_peak:
