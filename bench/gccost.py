@@ -1,8 +1,8 @@
 """What the worker's periodic full collection costs with history held: ``python bench/gccost.py``.
 
-The worker runs a full (generation-2) collection every ``FULL_GC_S`` (server/worker.py,
-``full_collect``): it unfreezes every object and traverses them all, and the loop stands still
-meanwhile.  Events held in history are objects the collector traverses, so the pause grows with
+The worker runs a full (generation-2) collection every ``FULL_GC_S`` to ``FULL_GC_MAX_S``
+(server/worker.py, ``full_collect``): it unfreezes every object and traverses them all, and the
+loop stands still meanwhile.  Events held in history are objects the collector traverses, so the pause grows with
 the history a worker keeps (``history_size`` x topics, within ``history_ttl``).
 
 In one process (no sockets): an embedded broker (``history_size`` 1000, ``history_ttl`` 1 h)
