@@ -326,7 +326,10 @@ def test_a_worker_spaces_its_full_collections_by_what_they_find():
             gc.unfreeze()
             gc.collect()
             gc.freeze()
-            clean = await due(w)
+            for _ in range(3):  # again if something of this process's left a cycle meanwhile
+                clean = await due(w)
+                if clean[0] == 600.0:
+                    break
             a, b = Node(), Node()
             a.other, b.other = b, a
             ref = weakref.ref(a)
