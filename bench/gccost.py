@@ -2,8 +2,9 @@
 
 The worker runs a full (generation-2) collection every ``FULL_GC_S`` to ``FULL_GC_MAX_S``
 (server/worker.py, ``full_collect``): it unfreezes every object and traverses them all, and the
-loop stands still meanwhile.  Events held in history are objects the collector traverses, so the pause grows with
-the history a worker keeps (``history_size`` x topics, within ``history_ttl``).
+loop stands still meanwhile.  Events held in history are objects the collector traverses, so
+the pause grows with the history a worker keeps (``history_size`` x topics, within
+``history_ttl``).
 
 In one process (no sockets): an embedded broker (``history_size`` 1000, ``history_ttl`` 1 h)
 takes ~120-byte messages over ``--topics`` topics in batches of 100 through ``publish_now``,
@@ -50,7 +51,7 @@ def main() -> None:
         while held < target:
             n = min(100, target - held)
             body = [{"topic": f"m.{(held + j) % args.topics}", "data": {"p": held + j, "s": pad}} for j in range(n)]
-            broker.publish_now(parse_publish(orjson.loads(orjson.dumps(body)), 1000, orjson.dumps))
+            broker.publish_now(parse_publish(body, 1000, orjson.dumps))
             held += n
             if held % 10_000 == 0:
                 age_young()

@@ -3,8 +3,9 @@
 Every tick ``age_young`` collects generation 0 and freezes the survivors, so that an object
 held for long (an event in history) is traversed once, not again by every generation-1
 collection; ``full_collect`` (every ``FULL_GC_S``, further apart while it finds nothing)
-looks at every object, frozen ones included.  What must hold: cyclic garbage is found either way -- while young by the tick, later
-by the full collection -- and nothing stays unfrozen after either.  Closed connections leave
+looks at every object, frozen ones included.  What must hold: cyclic garbage is found either
+way -- while young by the tick, later by the full collection -- and nothing stays unfrozen
+after either.  Closed connections leave
 no cyclic garbage, so handing memory back after a burst of closes needs no full collection
 (which stops the loop for as long as it takes to traverse every object held).
 """
@@ -182,7 +183,7 @@ async def _stop_worker(w) -> None:  # noqa: ANN001
     await w.wait_stopped()
 
 
-def _clients(port: int, n: int, head_timeout: float) -> dict[str, int]:
+def _clients(port: int, n: int) -> dict[str, int]:
     """n connections of each kind against a gateway on ``port``, held open together past
     several ticks, then ended; blocking sockets in a thread (no client-side objects in the
     gateway's heap).  Returns the status answered per kind (0: none expected)."""
@@ -260,12 +261,11 @@ def test_closed_connections_leave_no_cyclic_garbage():
 
     async def main() -> tuple[int, list[dict[str, int]]]:
         w = await _start_worker("--head-timeout", "1s", "--max-conns-per-ip", "0", "--conn-rate", "0")
-        cfg = w.cfg
         port = w.bound_ports()[0]
         rounds = []
 
         async def burst() -> None:
-            rounds.append(await asyncio.to_thread(_clients, port, n, cfg.head_timeout))
+            rounds.append(await asyncio.to_thread(_clients, port, n))
             for _ in range(200):
                 if w.connections_open == 0:
                     break
@@ -275,13 +275,9 @@ def test_closed_connections_leave_no_cyclic_garbage():
 
         try:
             await burst()  # the first of each kind makes what is made once (caches, metrics' labels)
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()
+            full_collect()
             await burst()
-            gc.unfreeze()
-            found = gc.collect()
-            gc.freeze()
+            found = full_collect()
         finally:
             await _stop_worker(w)
         return found, rounds
@@ -323,9 +319,7 @@ def test_a_worker_spaces_its_full_collections_by_what_they_find():
     async def main() -> tuple[tuple[float, float], tuple[float, float], weakref.ref[Node]]:
         w = await _start_worker()
         try:
-            gc.unfreeze()
-            gc.collect()
-            gc.freeze()
+            full_collect()
             for _ in range(3):  # again if something of this process's left a cycle meanwhile
                 clean = await due(w)
                 if clean[0] == 600.0:
